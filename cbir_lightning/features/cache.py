@@ -1,0 +1,175 @@
+"""An on-disk cache of frozen-backbone features, keyed by backbone, weights, preprocessing and image content.
+
+A frozen backbone maps the same image bytes to the same features, so each image goes through the
+backbone once per (backbone, weights, preprocessing, pooling). Head training, evaluation and retrieval
+then read the cache. Layout::
+
+    <cache_dir>/features/<backbone>-<key digest>/key.json
+    <cache_dir>/features/<backbone>-<key digest>/<sha256[:2]>/<sha256>.safetensors
+
+Each entry is written to a temporary file and renamed, so an interrupted run leaves no partial entry.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from cbir_lightning.data.decode import load_rgb_image
+from cbir_lightning.data.folder import ImageRecord
+from cbir_lightning.data.transforms import Preprocessing
+from cbir_lightning.models.backbone import FrozenBackbone
+from cbir_lightning.utils.progress import track
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheStats", "FeatureCache", "FeatureKey"]
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """Everything besides the image bytes that determines a cached feature vector."""
+
+    backbone: str
+    weights_id: str
+    preprocess_id: str
+    pool: str
+
+    def digest(self) -> str:
+        """Return a short, stable hash of the key."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CacheStats:
+    """Counts from the last :meth:`FeatureCache.extract` call."""
+
+    cached: int = 0  # images whose features were read from disk
+    computed: int = 0  # images that went through the backbone
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, max_pixels: int | None) -> None:
+        self.paths = list(paths)
+        self.preprocessing = preprocessing
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = load_rgb_image(self.paths[index], self.max_pixels)
+        return self.preprocessing.transform(image)
+
+
+class FeatureCache:
+    """Features of one backbone configuration, stored per image content hash."""
+
+    def __init__(self, cache_dir: Path | str, key: FeatureKey) -> None:
+        self.key = key
+        self.directory = Path(cache_dir) / "features" / f"{key.backbone}-{key.digest()}"
+        self.stats = CacheStats()
+
+    def entry_path(self, sha256: str) -> Path:
+        """Return where the features of the image with this content hash are stored."""
+        return self.directory / sha256[:2] / f"{sha256}.safetensors"
+
+    def extract(
+        self,
+        records: Sequence[ImageRecord],
+        backbone: FrozenBackbone,
+        preprocessing: Preprocessing,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        max_pixels: int | None = None,
+        show_progress: bool = True,
+    ) -> torch.Tensor:
+        """Return the features of ``records`` as a ``(len(records), dim)`` float32 tensor, in record order.
+
+        Images missing from the cache go through ``backbone`` once, in batches under
+        ``torch.inference_mode()``; records that share a content hash share one computation.
+        """
+        self._write_key_file()
+        missing = self._missing_entries(records)
+        self.stats = CacheStats(cached=len({record.sha256 for record in records}) - len(missing))
+        if missing:
+            log.info(
+                "Extracting %s features for %d images (%d read from the cache in %s)",
+                self.key.backbone,
+                len(missing),
+                self.stats.cached,
+                self.directory,
+            )
+            self._compute(
+                missing, backbone, preprocessing, batch_size, num_workers, max_pixels, show_progress
+            )
+            self.stats.computed = len(missing)
+        else:
+            log.info(
+                "All %d %s features read from the cache %s", len(records), self.key.backbone, self.directory
+            )
+        return torch.stack([load_file(str(self.entry_path(record.sha256)))["features"] for record in records])
+
+    def _write_key_file(self) -> None:
+        key_file = self.directory / "key.json"
+        if not key_file.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(key_file, json.dumps(asdict(self.key), indent=2))
+
+    def _missing_entries(self, records: Sequence[ImageRecord]) -> dict[str, Path]:
+        missing: dict[str, Path] = {}
+        for record in records:
+            if record.sha256 not in missing and not self.entry_path(record.sha256).exists():
+                missing[record.sha256] = record.path
+        return missing
+
+    def _compute(
+        self,
+        missing: dict[str, Path],
+        backbone: FrozenBackbone,
+        preprocessing: Preprocessing,
+        batch_size: int,
+        num_workers: int,
+        max_pixels: int | None,
+        show_progress: bool,
+    ) -> None:
+        hashes = list(missing)
+        dataset = _ImageDataset(list(missing.values()), preprocessing, max_pixels)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        device = next(backbone.parameters()).device
+        backbone.eval()
+        start = 0
+        batches = track(loader, f"Features ({self.key.backbone})", enabled=show_progress)
+        with torch.inference_mode():
+            for images in batches:
+                features = backbone(images.to(device)).float().cpu()
+                for offset, row in enumerate(features):
+                    self._save_entry(hashes[start + offset], row)
+                start += len(features)
+
+    def _save_entry(self, sha256: str, features: torch.Tensor) -> None:
+        path = self.entry_path(sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({"features": features.clone()}, temporary)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

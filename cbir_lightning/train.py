@@ -1,0 +1,217 @@
+"""Train a classifier head on a frozen backbone and evaluate it on the held-out split.
+
+Usage::
+
+    python -m cbir_lightning.train backbone=mobilenet
+    python -m cbir_lightning.train -m backbone=mobilenet,efficientnet_lite2 seed=0,1,2
+
+The run folder receives ``metrics.json``, ``classification_report.md``, ``confusion_matrix.{png,csv}``,
+``split.csv``, ``skipped.csv`` and the head checkpoint ``head.pt``.
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
+
+from cbir_lightning.data.datamodule import ImageFolderDataModule
+from cbir_lightning.data.split import SPLIT_NAMES
+from cbir_lightning.data.transforms import Preprocessing, build_preprocessing
+from cbir_lightning.evaluation.report import (
+    write_classification_report,
+    write_confusion_matrix,
+    write_metrics_json,
+)
+from cbir_lightning.features.cache import FeatureCache, FeatureKey
+from cbir_lightning.models.backbone import FrozenBackbone, build_backbone
+from cbir_lightning.models.module import FrozenBackboneClassifier
+from cbir_lightning.models.weights.errors import WeightsUnavailableError
+from cbir_lightning.utils.paths import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+# Errors that come from the configuration or the machine, shown as one clear line rather than a traceback.
+USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, ValueError)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job and return the contents of its ``metrics.json``."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    log.info("Building backbone <backbone=%s weights.source=%s>", cfg.backbone.name, cfg.weights.source)
+    backbone = build_backbone(
+        cfg.backbone.name, cfg.weights.source, cfg.weights.path, cfg.head.pool, cfg.weights.init_seed
+    )
+    preprocessing = build_preprocessing(backbone.model, cfg.preprocess)
+
+    log.info("Scanning images <data.root=%s>", cfg.data.root)
+    datamodule: ImageFolderDataModule = instantiate(cfg.data)
+    datamodule.scan()
+    datamodule.write_manifests(run_dir)
+
+    extraction_started = time.perf_counter()
+    cache = _extract_features(cfg, datamodule, backbone, preprocessing)
+    extraction_seconds = time.perf_counter() - extraction_started
+
+    module = _build_module(cfg, datamodule, backbone)
+    trainer = _build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    val_results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+    metrics = _summarise(cfg, datamodule, backbone, module, cache, val_results)
+    metrics["feature_extraction_seconds"] = round(extraction_seconds, 2)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
+    _write_outputs(run_dir, cfg, datamodule, module, metrics)
+    log.info(
+        "Test accuracy %.4f, macro F1 %.4f (%s, %s weights). Outputs in %s",
+        metrics["test_accuracy"],
+        metrics["test_f1_macro"],
+        cfg.backbone.name,
+        metrics["weights_source"],
+        run_dir,
+    )
+    return metrics
+
+
+def _extract_features(
+    cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: FrozenBackbone, preprocessing: Preprocessing
+) -> FeatureCache:
+    backbone.to(torch.device(cfg.features.device))
+    key = FeatureKey(cfg.backbone.name, backbone.weights_id, preprocessing.preprocess_id, backbone.pool)
+    cache = FeatureCache(cfg.features.cache_dir or default_cache_dir(), key)
+    records = [record for name in SPLIT_NAMES for record in datamodule.splits[name]]
+    features = cache.extract(
+        records,
+        backbone,
+        preprocessing,
+        batch_size=cfg.features.batch_size,
+        num_workers=cfg.features.num_workers,
+        max_pixels=cfg.data.max_pixels,
+        show_progress=cfg.data.show_progress,
+    )
+    backbone.to("cpu")
+    per_split, start = {}, 0
+    for name in SPLIT_NAMES:
+        count = len(datamodule.splits[name])
+        per_split[name] = features[start : start + count]
+        start += count
+    datamodule.set_features(per_split)
+    return cache
+
+
+def _build_module(
+    cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: FrozenBackbone
+) -> FrozenBackboneClassifier:
+    in_features = datamodule.features["train"].shape[1]
+    num_classes = len(datamodule.class_names)
+    log.info("Instantiating head <%s> with %d inputs", cfg.head._target_, in_features)
+    head = instantiate(cfg.head, in_features=in_features, num_classes=num_classes)
+    return FrozenBackboneClassifier(head, instantiate(cfg.optimizer), num_classes, backbone)
+
+
+def _build_trainer(cfg: DictConfig) -> pl.Trainer:
+    loggers = [instantiate(config) for config in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=[RichProgressBar()])
+
+
+def _summarise(
+    cfg: DictConfig,
+    datamodule: ImageFolderDataModule,
+    backbone: FrozenBackbone,
+    module: FrozenBackboneClassifier,
+    cache: FeatureCache,
+    val_results: list[dict[str, float]],
+) -> dict[str, Any]:
+    scalars = module.test_scalars
+    weights_source = backbone.weights_id.split(":", 1)[0]
+    return {
+        "backbone": cfg.backbone.name,
+        "timm_arch": backbone.spec.timm_arch,
+        "weights_source": weights_source,
+        "weights_id": backbone.weights_id,
+        "random_weights": weights_source == "none",
+        "preprocess": cfg.preprocess,
+        "preprocess_id": cache.key.preprocess_id,
+        "pool": backbone.pool,
+        "head": OmegaConf.to_container(cfg.head, resolve=True),
+        "seed": cfg.seed,
+        "split_seed": cfg.data.split_seed,
+        "max_epochs": cfg.trainer.max_epochs,
+        "test_accuracy": scalars["acc"],
+        "test_precision_macro": scalars["precision_macro"],
+        "test_recall_macro": scalars["recall_macro"],
+        "test_f1_macro": scalars["f1_macro"],
+        "val_accuracy": val_results[0]["val/acc"] if val_results else None,
+        "num_classes": len(datamodule.class_names),
+        "class_names": datamodule.class_names,
+        "num_train": len(datamodule.splits["train"]),
+        "num_val": len(datamodule.splits["val"]),
+        "num_test": len(datamodule.splits["test"]),
+        "num_skipped": len(datamodule.folder.skipped),
+        "features_computed": cache.stats.computed,
+        "features_cached": cache.stats.cached,
+        "data_root": str(datamodule.root),
+    }
+
+
+def _write_outputs(
+    run_dir: Path,
+    cfg: DictConfig,
+    datamodule: ImageFolderDataModule,
+    module: FrozenBackboneClassifier,
+    metrics: dict[str, Any],
+) -> None:
+    class_names = datamodule.class_names
+    write_metrics_json(run_dir / "metrics.json", metrics)
+    write_classification_report(
+        run_dir / "classification_report.md", class_names, module.test_tensors, module.test_scalars
+    )
+    write_confusion_matrix(run_dir, class_names, module.test_tensors["confusion_matrix"])
+    checkpoint = {
+        "state_dict": module.head.state_dict(),
+        "head": metrics["head"],
+        "class_names": class_names,
+        "backbone": cfg.backbone.name,
+        "weights_source": cfg.weights.source,
+        "weights_path": cfg.weights.path,
+        "weights_id": metrics["weights_id"],
+        "preprocess": cfg.preprocess,
+        "pool": metrics["pool"],
+    }
+    torch.save(checkpoint, run_dir / "head.pt")
+
+
+def _finish_wandb() -> None:
+    """Close an open W&B run, so that a multirun does not hang on it."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Run :func:`train` from the command line and return the test accuracy for Hydra sweepers."""
+    try:
+        return train(cfg)["test_accuracy"]
+    except USER_ERRORS as error:
+        log.error("%s", error)
+        raise SystemExit(1) from error
+    finally:
+        _finish_wandb()
+
+
+if __name__ == "__main__":
+    main()
