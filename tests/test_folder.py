@@ -17,9 +17,7 @@ from cbir_lightning.data.folder import (
 )
 
 
-def write_image(
-    path: Path, color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (8, 6)
-) -> None:
+def write_image(path: Path, color: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (8, 6)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
 

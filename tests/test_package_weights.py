@@ -42,9 +42,7 @@ ESPRESSO = 967
 # Synthetic TF-Slim MobileNet v1 graph.
 
 
-def add_batch_norm(
-    constants: dict[str, np.ndarray], layer: str, channels: int, rng: np.random.Generator
-) -> None:
+def add_batch_norm(constants: dict[str, np.ndarray], layer: str, channels: int, rng: np.random.Generator) -> None:
     for variable in BATCH_NORM_VARIABLES:
         constants[f"MobilenetV1/{layer}/BatchNorm/{variable}"] = rng.random(channels, dtype=np.float32) + 0.5
 
@@ -280,9 +278,7 @@ def test_unknown_backbone_lists_known_names() -> None:
         package_weights_id("resnet50")
 
 
-def test_missing_distribution_raises_with_pip_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_distribution_raises_with_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     absent = dataclasses.replace(PACKAGE_WEIGHTS["mobilenet"], distribution="cbir-lightning-absent-weights")
     monkeypatch.setitem(PACKAGE_WEIGHTS, "mobilenet", absent)
 
@@ -345,16 +341,12 @@ def test_second_call_loads_safetensors_cache(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setitem(PACKAGE_WEIGHTS, "efficientnet_lite0", source)
     first = create_package_model("efficientnet_lite0", cache_dir=tmp_path)
 
-    cache_path = (
-        tmp_path / "weights" / f"timm-{metadata.version('timm')}" / "tf_efficientnet_lite0.safetensors"
-    )
+    cache_path = tmp_path / "weights" / f"timm-{metadata.version('timm')}" / "tf_efficientnet_lite0.safetensors"
     assert package_weights_cache_path("efficientnet_lite0", tmp_path) == cache_path
     assert cache_path.is_file()
     assert list(cache_path.parent.iterdir()) == [cache_path]
 
-    monkeypatch.setitem(
-        PACKAGE_WEIGHTS, "efficientnet_lite0", dataclasses.replace(source, converter=failing_converter)
-    )
+    monkeypatch.setitem(PACKAGE_WEIGHTS, "efficientnet_lite0", dataclasses.replace(source, converter=failing_converter))
     second = create_package_model("efficientnet_lite0", cache_dir=tmp_path)
 
     assert not second.training
@@ -362,9 +354,7 @@ def test_second_call_loads_safetensors_cache(monkeypatch: pytest.MonkeyPatch, tm
         assert torch.equal(second.state_dict()[key], tensor), key
 
 
-def test_pretrained_cfg_resolves_package_preprocessing(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_pretrained_cfg_resolves_package_preprocessing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     source = dataclasses.replace(
         PACKAGE_WEIGHTS["mobilenet"],
         distribution="timm",

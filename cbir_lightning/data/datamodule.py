@@ -131,9 +131,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _dataset(self, split: str) -> TensorDataset:
         if not self.features:
-            raise RuntimeError(
-                "No features yet: call set_features() with each split's features before training."
-            )
+            raise RuntimeError("No features yet: call set_features() with each split's features before training.")
         return TensorDataset(self.features[split], self.labels(split))
 
     def _scanned(self) -> FolderScan:

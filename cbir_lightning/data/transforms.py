@@ -68,6 +68,4 @@ def _paper_preprocessing() -> Preprocessing:
             v2.ToDtype(torch.float32, scale=True),
         ]
     )
-    return Preprocessing(
-        transform, f"paper:{PAPER_SIZE}x{PAPER_SIZE}:bilinear:div255", (3, PAPER_SIZE, PAPER_SIZE)
-    )
+    return Preprocessing(transform, f"paper:{PAPER_SIZE}x{PAPER_SIZE}:bilinear:div255", (3, PAPER_SIZE, PAPER_SIZE))

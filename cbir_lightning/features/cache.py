@@ -109,14 +109,10 @@ class FeatureCache:
                 self.stats.cached,
                 self.directory,
             )
-            self._compute(
-                missing, backbone, preprocessing, batch_size, num_workers, max_pixels, show_progress
-            )
+            self._compute(missing, backbone, preprocessing, batch_size, num_workers, max_pixels, show_progress)
             self.stats.computed = len(missing)
         else:
-            log.info(
-                "All %d %s features read from the cache %s", len(records), self.key.backbone, self.directory
-            )
+            log.info("All %d %s features read from the cache %s", len(records), self.key.backbone, self.directory)
         return torch.stack([load_file(str(self.entry_path(record.sha256)))["features"] for record in records])
 
     def _write_key_file(self) -> None:

@@ -95,7 +95,5 @@ class FrozenBackboneClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {
-            name: value
-            for name, value in checkpoint["state_dict"].items()
-            if not name.startswith("backbone.")
+            name: value for name, value in checkpoint["state_dict"].items() if not name.startswith("backbone.")
         }

@@ -8,9 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 
-def track(
-    iterable: Iterable[T], description: str, total: int | None = None, enabled: bool = True
-) -> Iterator[T]:
+def track(iterable: Iterable[T], description: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
     """Yield from ``iterable`` while showing a rich progress bar with a count and the time remaining.
 
     The bar disappears when the loop ends, so logs stay readable. ``enabled=False`` yields without a bar.

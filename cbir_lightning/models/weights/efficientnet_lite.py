@@ -17,9 +17,7 @@ def convert_efficientnet_lite_checkpoint(checkpoint_path: Path, model: nn.Module
     """Load the checkpoint and rename its tensors to the state dict names of ``model``."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(
-            f"Checkpoint {checkpoint_path} contains a {type(checkpoint).__name__}, expected a state dict."
-        )
+        raise ValueError(f"Checkpoint {checkpoint_path} contains a {type(checkpoint).__name__}, expected a state dict.")
     return map_state_dict_in_order(checkpoint, model.state_dict())
 
 

