@@ -122,7 +122,8 @@ def _build_module(
 
 def _build_trainer(cfg: DictConfig) -> pl.Trainer:
     loggers = [instantiate(config) for config in (cfg.get("logger") or {}).values()]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=[RichProgressBar()])
+    callbacks = [RichProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
 
 def _summarise(

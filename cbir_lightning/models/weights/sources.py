@@ -15,9 +15,11 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlparse
 
 import timm
@@ -132,7 +134,7 @@ def _hub_url(pretrained_cfg: object) -> str:
 
 
 @contextmanager
-def _offline_unless_reachable(url: str):
+def _offline_unless_reachable(url: str) -> Iterator[bool]:
     """Switch the Hugging Face client to offline mode when ``url``'s host does not answer.
 
     Without this, an offline machine spends about 45 s in the hub client's retries before it fails.
@@ -144,15 +146,11 @@ def _offline_unless_reachable(url: str):
         yield True
         return
     log.info("%s is not reachable, so only locally cached weights can be used", host)
-    saved = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import, so its constant is switched as well.
+    from huggingface_hub import constants
+
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), mock.patch.object(constants, "HF_HUB_OFFLINE", True):
         yield False
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
 
 
 def _is_reachable(host: str, port: int = 443) -> bool:
@@ -206,11 +204,21 @@ def _strip_prefix(name: str) -> str:
 def _load_backbone_state(
     model: nn.Module, state_dict: dict[str, torch.Tensor], spec: BackboneSpec, checkpoint: Path
 ) -> None:
-    """Load every feature-extractor tensor strictly; only the classifier may be missing or differ."""
+    """Load every feature-extractor tensor strictly; the classifier loads only where its shape fits."""
     classifier_name = model.default_cfg.get("classifier", "classifier")
-    classifier_keys = {key for key in model.state_dict() if key.startswith(f"{classifier_name}.")}
-    backbone_state = {key: value for key, value in state_dict.items() if key not in classifier_keys}
-    result = model.load_state_dict(backbone_state, strict=False)
+    own_state = model.state_dict()
+    classifier_keys = {key for key in own_state if key.startswith(f"{classifier_name}.")}
+    backbone_state = {
+        key: value
+        for key, value in state_dict.items()
+        if key not in classifier_keys or value.shape == own_state[key].shape
+    }
+    try:
+        result = model.load_state_dict(backbone_state, strict=False)
+    except RuntimeError as error:  # raised for tensors whose shapes differ
+        raise _unavailable(
+            spec, "file", f"{checkpoint} does not match timm architecture {spec.timm_arch!r} ({error})"
+        ) from error
     missing = [key for key in result.missing_keys if key not in classifier_keys]
     if missing or result.unexpected_keys:
         raise _unavailable(
