@@ -10,6 +10,7 @@ The run folder receives ``metrics.json``, ``classification_report.md``, ``confus
 """
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,17 @@ USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, 
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job and return the contents of its ``metrics.json``."""
+    """Run one training job and return the contents of its ``metrics.json``.
+
+    An open W&B run is always closed on return, so that a multirun does not hang on it.
+    """
+    try:
+        return _run(cfg)
+    finally:
+        _finish_wandb()
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,9 +205,7 @@ def _write_outputs(
 
 
 def _finish_wandb() -> None:
-    """Close an open W&B run, so that a multirun does not hang on it."""
-    import sys
-
+    # Only a run that logger=wandb opened can exist, so an unimported wandb needs no import here.
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
@@ -210,8 +219,6 @@ def main(cfg: DictConfig) -> float:
     except USER_ERRORS as error:
         log.error("%s", error)
         raise SystemExit(1) from error
-    finally:
-        _finish_wandb()
 
 
 if __name__ == "__main__":

@@ -149,3 +149,15 @@ def test_cli_reports_unimplemented_backbone(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "not implemented yet" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_wandb_logger_runs_offline_and_closes(tiny_train_overrides: list[str], tmp_path: Path) -> None:
+    import wandb
+
+    overrides = [*tiny_train_overrides, "logger=wandb", "trainer.max_epochs=1"]
+
+    train(compose_train_config(overrides))
+
+    assert wandb.run is None
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()

@@ -1,4 +1,4 @@
-"""Image preprocessing: the backbone's own pretrained configuration, or the paper's plain resize."""
+"""Image preprocessing: the backbone's own pretrained configuration, or a plain resize with pixels divided by 255."""
 
 import logging
 from collections.abc import Callable
@@ -17,7 +17,7 @@ __all__ = ["PREPROCESS_MODES", "Preprocessing", "build_preprocessing"]
 
 PreprocessMode = Literal["model", "paper"]
 PREPROCESS_MODES: tuple[str, ...] = ("model", "paper")
-PAPER_SIZE = 224  # the paper resizes every image to 224 x 224, whatever the backbone
+PAPER_SIZE = 224  # preprocess=paper resizes every image to 224 x 224, whatever the backbone
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ SUMMARY_METRICS = ("acc", "precision_macro", "recall_macro", "f1_macro")
 def build_classification_metrics(num_classes: int) -> MetricCollection:
     """Build the metric collection for one stage.
 
-    ``acc`` is the fraction of correct predictions (micro average), as the paper reports it; the
+    ``acc`` is the fraction of correct predictions (micro average). The
     ``*_macro`` scores average the per-class scores with equal weight per class.
     """
     return MetricCollection(

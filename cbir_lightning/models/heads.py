@@ -11,7 +11,7 @@ __all__ = ["MLPHead"]
 class MLPHead(nn.Module):
     """A stack of Linear-ReLU(-Dropout) layers followed by a Linear classifier.
 
-    The paper's heads are instances of this class: for example ``hidden=(256, 128)`` with
+    The heads of the COREL-1K backbone comparison are instances of this class: for example ``hidden=(256, 128)`` with
     ``dropout=(0.4, 0.0)`` is the Xception head Dense(256)-ReLU-Dropout(0.4)-Dense(128)-ReLU-Dense(classes).
 
     Args:

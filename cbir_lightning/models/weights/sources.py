@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "load_model", "resolve_source"]
 
-HUB_PROBE_TIMEOUT_S = 3.0  # a reachable host answers a TCP connect well within this
+HUB_PROBE_TIMEOUT_S = 3.0  # a reachable host accepts a TCP connection well within this
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -135,7 +135,7 @@ def _hub_url(pretrained_cfg: object) -> str:
 
 @contextmanager
 def _offline_unless_reachable(url: str) -> Iterator[bool]:
-    """Switch the Hugging Face client to offline mode when ``url``'s host does not answer.
+    """Switch the Hugging Face client to offline mode when ``url``'s host refuses or drops the connection.
 
     Without this, an offline machine spends about 45 s in the hub client's retries before it fails.
     Offline mode still loads weights that are already in the local cache.
