@@ -12,12 +12,14 @@ The run folder receives ``metrics.json``, ``classification_report.md``, ``confus
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
@@ -38,8 +40,19 @@ from cbir_lightning.utils.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-# Errors that come from the configuration or the machine, shown as one clear line rather than a traceback.
-USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, ValueError)
+# pytorch-lightning 2.6 calls a deprecated torch pytree check on every batch; the warning is not ours to fix.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+
+# Errors that come from the configuration or the machine, shown as one clear line; the traceback is logged at
+# DEBUG level (hydra.verbose=true shows it).
+USER_ERRORS = (
+    WeightsUnavailableError,
+    NotImplementedError,
+    FileNotFoundError,
+    NotADirectoryError,
+    ValueError,
+    InstantiationException,
+)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -59,28 +72,34 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    device = _check_device(cfg.features.device)
+    cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
     log.info("Building backbone <backbone=%s weights.source=%s>", cfg.backbone.name, cfg.weights.source)
     backbone = build_backbone(
-        cfg.backbone.name, cfg.weights.source, cfg.weights.path, cfg.head.pool, cfg.weights.init_seed
+        cfg.backbone.name, cfg.weights.source, cfg.weights.path, cfg.head.pool, cfg.weights.init_seed, cache_dir
     )
     preprocessing = build_preprocessing(backbone.model, cfg.preprocess)
+    # The head is built before the slow steps, so that a head configuration error shows at once.
+    head_in_features = _feature_size(backbone, preprocessing)
 
+    _build_module(cfg, None, head_in_features)
     log.info("Scanning images <data.root=%s>", cfg.data.root)
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.scan()
     datamodule.write_manifests(run_dir)
 
     extraction_started = time.perf_counter()
-    cache = _extract_features(cfg, datamodule, backbone, preprocessing)
+    cache = _extract_features(cfg, datamodule, backbone, preprocessing, cache_dir, device)
     extraction_seconds = time.perf_counter() - extraction_started
 
-    module = _build_module(cfg, datamodule, backbone)
+    module = _build_module(cfg, datamodule, head_in_features)
     trainer = _build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
     val_results = trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
 
     metrics = _summarise(cfg, datamodule, backbone, module, cache, val_results)
+    metrics["head_in_features"] = head_in_features
     metrics["feature_extraction_seconds"] = round(extraction_seconds, 2)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 2)
     _write_outputs(run_dir, cfg, datamodule, module, metrics)
@@ -95,12 +114,33 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"Invalid features.device={name!r}: {error}. Use cpu, cuda or cuda:<index>.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"features.device={name!r} but CUDA is not available here. Use features.device=cpu.")
+    return device
+
+
+def _feature_size(backbone: FrozenBackbone, preprocessing: Preprocessing) -> int:
+    with torch.inference_mode():
+        return backbone(torch.zeros(1, *preprocessing.input_size)).shape[1]
+
+
 def _extract_features(
-    cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: FrozenBackbone, preprocessing: Preprocessing
+    cfg: DictConfig,
+    datamodule: ImageFolderDataModule,
+    backbone: FrozenBackbone,
+    preprocessing: Preprocessing,
+    cache_dir: Path,
+    device: torch.device,
 ) -> FeatureCache:
-    backbone.to(torch.device(cfg.features.device))
+    backbone.to(device)
+    # NOTE: the key does not record the device, so CUDA (TF32) and CPU features share cache entries.
     key = FeatureKey(cfg.backbone.name, backbone.weights_id, preprocessing.preprocess_id, backbone.pool)
-    cache = FeatureCache(cfg.features.cache_dir or default_cache_dir(), key)
+    cache = FeatureCache(cache_dir, key)
     records = [record for name in SPLIT_NAMES for record in datamodule.splits[name]]
     features = cache.extract(
         records,
@@ -122,13 +162,16 @@ def _extract_features(
 
 
 def _build_module(
-    cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: FrozenBackbone
+    cfg: DictConfig, datamodule: ImageFolderDataModule | None, in_features: int
 ) -> FrozenBackboneClassifier:
-    in_features = datamodule.features["train"].shape[1]
-    num_classes = len(datamodule.class_names)
-    log.info("Instantiating head <%s> with %d inputs", cfg.head._target_, in_features)
+    """Build the module; without a datamodule the class count is a stand-in, to validate the head config."""
+    num_classes = len(datamodule.class_names) if datamodule is not None else 2
+    if datamodule is not None:
+        log.info("Instantiating head <%s> with %d inputs", cfg.head._target_, in_features)
     head = instantiate(cfg.head, in_features=in_features, num_classes=num_classes)
-    return FrozenBackboneClassifier(head, instantiate(cfg.optimizer), num_classes, backbone)
+    # The backbone stays out of the module: training reads cached features, and Lightning would
+    # otherwise move the whole backbone to the accelerator for nothing.
+    return FrozenBackboneClassifier(head, instantiate(cfg.optimizer), num_classes)
 
 
 def _build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -173,7 +216,7 @@ def _summarise(
         "num_skipped": len(datamodule.folder.skipped),
         "features_computed": cache.stats.computed,
         "features_cached": cache.stats.cached,
-        "data_root": str(datamodule.root),
+        "data_root": str(datamodule.folder.root),
     }
 
 
@@ -189,13 +232,18 @@ def _write_outputs(
     write_classification_report(
         run_dir / "classification_report.md", class_names, module.test_tensors, module.test_scalars
     )
-    write_confusion_matrix(run_dir, class_names, module.test_tensors["confusion_matrix"])
+    weights_label = "RANDOM" if metrics["random_weights"] else metrics["weights_source"]
+    title = (
+        f"{cfg.backbone.name}, {weights_label} weights, preprocess={cfg.preprocess}, "
+        f"pool={metrics['pool']}: test accuracy {metrics['test_accuracy']:.3f}"
+    )
+    write_confusion_matrix(run_dir, class_names, module.test_tensors["confusion_matrix"], title)
     checkpoint = {
         "state_dict": module.head.state_dict(),
         "head": metrics["head"],
         "class_names": class_names,
         "backbone": cfg.backbone.name,
-        "weights_source": cfg.weights.source,
+        "weights_source": metrics["weights_source"],
         "weights_path": cfg.weights.path,
         "weights_id": metrics["weights_id"],
         "preprocess": cfg.preprocess,
@@ -213,10 +261,11 @@ def _finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Run :func:`train` from the command line and return the test accuracy for Hydra sweepers."""
+    """Run :func:`train` from the command line and return the validation accuracy for Hydra sweepers."""
     try:
-        return train(cfg)["test_accuracy"]
+        return train(cfg)["val_accuracy"]
     except USER_ERRORS as error:
+        log.debug("Traceback of the error below", exc_info=error)
         log.error("%s", error)
         raise SystemExit(1) from error
 

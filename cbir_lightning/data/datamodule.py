@@ -88,8 +88,15 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def scan(self) -> FolderScan:
         """Scan the folder and split it; later calls return the first result."""
         if self.folder is None:
-            self.folder = scan_image_folder(self.root, self.max_pixels, self.show_progress)
-            self.splits = split_records(self.folder.records, self.fractions, self.split_seed)
+            folder = scan_image_folder(self.root, self.max_pixels, self.show_progress)
+            if len(folder.class_names) < 2:
+                raise ValueError(
+                    f"{folder.root} has {len(folder.class_names)} class folder(s) ({', '.join(folder.class_names)}); "
+                    f"a classifier needs at least 2. Add class folders or point data.root at another folder."
+                )
+            self.splits = split_records(folder.records, self.fractions, self.split_seed)
+            _check_splits_not_empty(self.splits, self.fractions)
+            self.folder = folder
             counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLIT_NAMES)
             log.info(
                 "%s: %d classes, %d images (%s), %d skipped",
@@ -136,3 +143,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _scanned(self) -> FolderScan:
         return self.folder if self.folder is not None else self.scan()
+
+
+def _check_splits_not_empty(splits: dict[str, list[ImageRecord]], fractions: tuple[float, ...]) -> None:
+    for name in ("train", "test"):
+        if not splits[name]:
+            sizes = ", ".join(f"{split} {len(records)}" for split, records in splits.items())
+            raise ValueError(
+                f"The {name} split is empty ({sizes}) with data.fractions={list(fractions)}: the classes have too "
+                f"few images. Add images or raise the {name} fraction."
+            )

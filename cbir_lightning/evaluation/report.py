@@ -41,7 +41,9 @@ def write_classification_report(
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_confusion_matrix(directory: Path, class_names: Sequence[str], matrix: torch.Tensor) -> None:
+def write_confusion_matrix(
+    directory: Path, class_names: Sequence[str], matrix: torch.Tensor, title: str | None = None
+) -> None:
     """Write ``confusion_matrix.csv`` (rows: true class, columns: predicted class) and ``confusion_matrix.png``."""
     counts = matrix.to(torch.long).tolist()
     with (directory / "confusion_matrix.csv").open("w", newline="") as stream:
@@ -49,10 +51,10 @@ def write_confusion_matrix(directory: Path, class_names: Sequence[str], matrix: 
         writer.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, counts, strict=True):
             writer.writerow([name, *row])
-    _plot_confusion_matrix(directory / "confusion_matrix.png", class_names, counts)
+    _plot_confusion_matrix(directory / "confusion_matrix.png", class_names, counts, title)
 
 
-def _plot_confusion_matrix(path: Path, class_names: Sequence[str], counts: list[list[int]]) -> None:
+def _plot_confusion_matrix(path: Path, class_names: Sequence[str], counts: list[list[int]], title: str | None) -> None:
     size = max(4.0, 0.55 * len(class_names) + 2.0)
     figure, axes = plt.subplots(figsize=(size, size))
     image = axes.imshow(counts, cmap="Blues")
@@ -66,6 +68,8 @@ def _plot_confusion_matrix(path: Path, class_names: Sequence[str], counts: list[
         for column_index, value in enumerate(row):
             color = "white" if value > threshold else "black"
             axes.text(column_index, row_index, str(value), ha="center", va="center", color=color, fontsize=8)
+    if title:
+        axes.set_title(title)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -16,9 +16,10 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
@@ -31,7 +32,9 @@ from cbir_lightning.utils.progress import track
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheStats", "FeatureCache", "FeatureKey"]
+__all__ = ["FEATURE_FORMAT_VERSION", "CacheStats", "FeatureCache", "FeatureKey"]
+
+FEATURE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class FeatureKey:
     weights_id: str
     preprocess_id: str
     pool: str
+    # The code that turns bytes into features: bump FEATURE_FORMAT_VERSION when decoding or the
+    # weight converters change, so that old entries are no longer read.
+    code_version: str = field(default_factory=lambda: f"{FEATURE_FORMAT_VERSION}:timm-{timm.__version__}")
 
     def digest(self) -> str:
         """Return a short, stable hash of the key."""
@@ -53,8 +59,8 @@ class FeatureKey:
 class CacheStats:
     """Counts from the last :meth:`FeatureCache.extract` call."""
 
-    cached: int = 0  # images whose features were read from disk
-    computed: int = 0  # images that went through the backbone
+    cached: int = 0  # distinct image contents whose features were read from disk
+    computed: int = 0  # distinct image contents that went through the backbone
 
 
 class _ImageDataset(Dataset):
@@ -67,6 +73,7 @@ class _ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        # NOTE: a file changed on disk since the scan is stored under its old content hash.
         image = load_rgb_image(self.paths[index], self.max_pixels)
         return self.preprocessing.transform(image)
 
@@ -166,6 +173,7 @@ class FeatureCache:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
     os.replace(temporary, path)

@@ -1,6 +1,7 @@
 """A frozen timm feature extractor: no gradients, BatchNorm always in eval mode."""
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -71,6 +72,7 @@ def build_backbone(
     path: str | None = None,
     pool: PoolMode = "avg",
     init_seed: int = 0,
+    cache_dir: Path | None = None,
 ) -> FrozenBackbone:
     """Build a registered backbone with its weights and freeze it.
 
@@ -80,6 +82,6 @@ def build_backbone(
         WeightsUnavailableError: the weights cannot be obtained from ``source``.
     """
     spec = get_backbone_spec(name)
-    loaded = load_model(spec, source, path, init_seed)
+    loaded = load_model(spec, source, path, init_seed, cache_dir)
     log.info("Backbone %s (%s) with weights %s", name, spec.timm_arch, loaded.weights_id)
     return FrozenBackbone(loaded.model, spec, loaded.weights_id, pool)

