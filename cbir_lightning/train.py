@@ -19,10 +19,13 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.loggers import Logger
 
 from cbir_lightning.data.datamodule import ImageFolderDataModule
 from cbir_lightning.data.split import SPLIT_NAMES
@@ -175,9 +178,17 @@ def _build_module(
 
 
 def _build_trainer(cfg: DictConfig) -> pl.Trainer:
-    loggers = [instantiate(config) for config in (cfg.get("logger") or {}).values()]
+    loggers = [_build_logger(config) for config in (cfg.get("logger") or {}).values()]
     callbacks = [RichProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+
+def _build_logger(config: DictConfig) -> Logger:
+    if config._target_.endswith("WandbLogger") and not config.get("group"):
+        # One W&B group per sweep, named after the sweep folder, so that its runs compare side by side.
+        group = Path(HydraConfig.get().sweep.dir).name if _in_multirun() else "single-runs"
+        return instantiate(config, group=group)
+    return instantiate(config)
 
 
 def _summarise(
@@ -191,6 +202,7 @@ def _summarise(
     scalars = module.test_scalars
     weights_source = backbone.weights_id.split(":", 1)[0]
     return {
+        "status": "trained",
         "backbone": cfg.backbone.name,
         "timm_arch": backbone.spec.timm_arch,
         "weights_source": weights_source,
@@ -259,11 +271,44 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
+def record_unavailable(cfg: DictConfig, error: Exception) -> dict[str, Any]:
+    """Write a ``metrics.json`` that marks this job's weights as unavailable, with the reason."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = "not implemented" if isinstance(error, NotImplementedError) else "weights unavailable"
+    metrics = {
+        "status": status,
+        "reason": str(error),
+        "backbone": cfg.backbone.name,
+        "weights_source": cfg.weights.source,
+        "preprocess": cfg.preprocess,
+        "pool": cfg.head.pool,
+        "seed": cfg.seed,
+    }
+    write_metrics_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Run :func:`train` from the command line and return the validation accuracy for Hydra sweepers."""
+def main(cfg: DictConfig) -> float | None:
+    """Run :func:`train` from the command line and return the validation accuracy for Hydra sweepers.
+
+    In a multirun, a job whose backbone or weights cannot be had records that in its ``metrics.json``
+    and returns ``None``, so the other jobs carry on. A single run exits with status 1 instead.
+    """
     try:
         return train(cfg)["val_accuracy"]
+    except (WeightsUnavailableError, NotImplementedError) as error:
+        if not _in_multirun():
+            log.error("%s", error)
+            raise SystemExit(1) from error
+        record_unavailable(cfg, error)
+        log.error("Skipping this job, the sweep goes on: %s", error)
+        return None
     except USER_ERRORS as error:
         log.debug("Traceback of the error below", exc_info=error)
         log.error("%s", error)

@@ -1,5 +1,6 @@
 """Weight sources: auto, hub, file and none, and the errors that name the way out."""
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -113,3 +114,14 @@ def test_random_init_is_seeded(tiny_backbone: BackboneSpec) -> None:
 
 def test_random_init_id_records_seed(tiny_backbone: BackboneSpec) -> None:
     assert load_model(tiny_backbone, "none", init_seed=5).weights_id == "none:seed5"
+
+
+def test_hub_without_download_is_unavailable(monkeypatch: pytest.MonkeyPatch, tiny_backbone: BackboneSpec) -> None:
+    without_download = dataclasses.replace(
+        timm.models.get_pretrained_cfg(tiny_backbone.timm_arch), hf_hub_id=None, url=None
+    )
+    monkeypatch.setattr(sources.timm.models, "get_pretrained_cfg", lambda name: without_download)
+    monkeypatch.setattr(sources, "_is_reachable", lambda host, port=443: True)
+
+    with pytest.raises(WeightsUnavailableError, match="timm has no pretrained download for 'test_efficientnet'"):
+        load_model(tiny_backbone, "hub")

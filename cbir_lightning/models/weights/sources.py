@@ -120,6 +120,9 @@ def _load_package(spec: BackboneSpec, cache_dir: Path | None) -> LoadedModel:
 
 def _load_hub(spec: BackboneSpec) -> LoadedModel:
     pretrained_cfg = timm.models.get_pretrained_cfg(spec.timm_arch)
+    if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url):
+        # timm would log a warning and return random weights here, which must never pass as pretrained.
+        raise _unavailable(spec, "hub", f"timm has no pretrained download for {spec.timm_arch!r}")
     tag = getattr(pretrained_cfg, "tag", None) or "default"
     url = _hub_url(pretrained_cfg)
     with _offline_unless_reachable(url) as online:
