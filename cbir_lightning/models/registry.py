@@ -6,7 +6,7 @@
 | mobilenetv2 | mobilenetv2_100 | 1280 x 7 x 7 | bn2 |
 | densenet121 | densenet121 | 1024 x 7 x 7 | features.norm5 |
 | vgg16 | vgg16 | 512 x 7 x 7 | features.29 |
-| nasnetmobile | not in timm yet | 1056 x 7 x 7 | not implemented yet |
+| nasnetmobile | nasnetamobile (this project's, registered in timm) | 1056 x 7 x 7 | act_final |
 | xception | legacy_xception | 2048 x 7 x 7 | act4 (Keras ``block14_sepconv2_act``) |
 | efficientnet_lite0 | tf_efficientnet_lite0 | 1280 x 7 x 7 | bn2 |
 | efficientnet_lite1 | tf_efficientnet_lite1 | 1280 x 7 x 7 (8 x 8 at 240 px) | bn2 |
@@ -47,8 +47,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("mobilenetv2", "mobilenetv2_100", 1280, "bn2", paper_name="MobileNetV2"),
         BackboneSpec("densenet121", "densenet121", 1024, "features.norm5", paper_name="DenseNet121"),
         BackboneSpec("vgg16", "vgg16", 512, "features.29", paper_name="VGG16"),
-        # NOTE: NASNet-A Mobile is not in timm; the entry stays so that sweeps can name it.
-        BackboneSpec("nasnetmobile", None, 1056, None, paper_name="NASNetMobile"),
+        # timm has no NASNet-A Mobile: cbir_lightning.models.nasnet_mobile registers nasnetamobile.
+        BackboneSpec("nasnetmobile", "nasnetamobile", 1056, "act_final", paper_name="NASNetMobile"),
         BackboneSpec("xception", "legacy_xception", 2048, "act4", paper_name="Xception"),
         BackboneSpec("efficientnet_lite0", "tf_efficientnet_lite0", 1280, "bn2", True),
         BackboneSpec("efficientnet_lite1", "tf_efficientnet_lite1", 1280, "bn2", True),

