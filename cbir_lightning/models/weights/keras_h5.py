@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import timm
 import torch
-from timm.layers import MaxPool2dSame
+from timm.layers import create_pool2d
 from timm.models.xception import SeparableConv2d as XceptionSeparableConv2d
 from torch import nn
 
@@ -359,7 +359,7 @@ def prepare_xception_for_keras(model: nn.Module) -> None:
     """Change a timm ``legacy_xception`` model in place so that Keras Xception weights give Keras' outputs.
 
     Sets every BatchNorm eps to Keras' 1e-3 and replaces the stride-2 3x3 max pools, which timm pads by one
-    pixel on each side, with TensorFlow "SAME" pools (timm's ``MaxPool2dSame``). Neither change adds or
+    pixel on each side, with TensorFlow "SAME" pools (timm's ``MaxPool2dSame``, padded with -inf). Neither change adds or
     renames a state dict entry.
     """
     for module in model.modules():
@@ -368,7 +368,7 @@ def prepare_xception_for_keras(model: nn.Module) -> None:
     for index in range(1, 13):
         rep = getattr(model, f"block{index}").rep
         if isinstance(rep[-1], nn.MaxPool2d):
-            rep[-1] = MaxPool2dSame(3, stride=2)
+            rep[-1] = create_pool2d("max", 3, stride=2, padding="same")
 
 
 def create_model_from_keras_h5(timm_arch: str, path: Path, **model_kwargs) -> nn.Module:

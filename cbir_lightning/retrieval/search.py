@@ -1,0 +1,490 @@
+"""Nearest-neighbour search over a gallery of embeddings, with an exact torch backend and faiss backends.
+
+Every backend takes raw embeddings (see ``cbir_lightning.retrieval.embed``) and one of two metrics:
+
+- ``cosine`` (default): vectors are L2-normalised on ``add`` and ``search``, and the score is the cosine
+  similarity, so higher is better.
+- ``euclidean``: raw vectors, and the score is the euclidean (L2) distance, so lower is better. This is
+  the baseline that compares unnormalised CNN features.
+
+``SearchResult.higher_is_better`` states the direction, and results are always sorted best first.
+
+Backends:
+
+- ``exact``: a torch matrix product and top-k, with the queries processed in chunks so that memory stays
+  bounded. Equal scores are ordered by ascending gallery index, including the choice of which equal
+  scores fill the last places.
+- ``faiss``: faiss-cpu with a ``flat`` (exact), ``ivf`` (inverted lists, options ``nlist``/``nprobe``) or
+  ``hnsw`` (graph, options ``hnsw_m``/``ef_search``/``ef_construction``) index. Equal returned scores
+  are ordered by ascending index, but faiss decides which of several equal scores at the last place it
+  returns.
+
+``build_backend(vectors, "auto")`` uses ``exact`` up to ``EXACT_MAX_VECTORS`` gallery vectors and faiss
+HNSW above that.
+"""
+
+import importlib
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKEND_NAMES",
+    "EXACT_MAX_VECTORS",
+    "FAISS_INDEX_TYPES",
+    "METRICS",
+    "ExactBackend",
+    "FaissBackend",
+    "SearchBackend",
+    "SearchResult",
+    "build_backend",
+    "create_backend",
+]
+
+Metric = Literal["cosine", "euclidean"]
+METRICS: tuple[str, ...] = ("cosine", "euclidean")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "exact", "faiss")
+FAISS_INDEX_TYPES: tuple[str, ...] = ("flat", "ivf", "hnsw")
+
+# Gallery size up to which build_backend(name="auto") searches exactly with torch. A query against 200k
+# vectors of 1280 floats reads 1 GB of gallery memory, which is where approximate search starts to pay.
+# NOTE: the threshold is an estimate, not a measured crossover.
+EXACT_MAX_VECTORS = 200_000
+# Score-matrix elements per query chunk of the exact backend: 2**24 float32 scores are 64 MiB, and the
+# tie-breaking masks take about as much again.
+EXACT_CHUNK_ELEMENTS = 2**24
+FAISS_INSTALL_HINT = "pip install faiss-cpu  (or: pip install 'cbir-lightning[retrieval]')"
+
+Exclusions = Sequence[Iterable[int]] | None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The best ``k'`` gallery entries for each query, best first.
+
+    ``k' = min(k, gallery size - the largest number of gallery entries excluded for one query)``. The faiss
+    IVF and HNSW indexes can find fewer entries than that for some queries; ``k'`` is then the smallest
+    number found for any query, and a warning is logged.
+    """
+
+    scores: torch.Tensor
+    """``(Q, k')`` float32: cosine similarity for ``metric="cosine"``, euclidean distance for ``"euclidean"``."""
+    indices: torch.Tensor
+    """``(Q, k')`` int64 row indices into the gallery, never negative."""
+    metric: str
+    higher_is_better: bool
+    """True when a larger score means a closer match (cosine), False for distances (euclidean)."""
+
+
+class SearchBackend(ABC):
+    """A searchable gallery of vectors: ``add`` vectors, then ``search`` it with query vectors."""
+
+    name: str
+
+    def __init__(self, metric: Metric = "cosine") -> None:
+        if metric not in METRICS:
+            raise ValueError(f"Invalid metric {metric!r}. Choose one of: {', '.join(METRICS)}.")
+        self.metric: Metric = metric
+        self.dim: int | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger score means a closer match: True for cosine, False for euclidean."""
+        return self.metric == "cosine"
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Return the number of gallery vectors."""
+
+    def add(self, vectors: torch.Tensor | np.ndarray) -> None:
+        """Append ``(N, D)`` raw vectors to the gallery. Their row indices continue from the current size.
+
+        Raises:
+            ValueError: ``vectors`` is not 2-D, contains NaN or infinity, or has another ``D`` than before.
+        """
+        matrix = self._prepare(vectors, "gallery vectors")
+        if len(matrix):
+            self._add(matrix)
+            self.dim = matrix.shape[1]
+
+    def search(self, queries: torch.Tensor | np.ndarray, k: int, exclude: Exclusions = None) -> SearchResult:
+        """Find the ``k`` best gallery entries for each row of ``queries`` (``(Q, D)`` raw vectors).
+
+        Args:
+            queries: ``(Q, D)`` vectors from the same embedder as the gallery.
+            k: requested number of results per query. Fewer come back when the gallery is smaller; see
+                ``SearchResult``.
+            exclude: one iterable of gallery row indices per query, which are never returned for that
+                query. Pass ``[[i] for i in query_rows]`` when the queries are gallery entries themselves.
+
+        Raises:
+            ValueError: ``k`` is below 1, ``queries`` has the wrong shape or non-finite values, or
+                ``exclude`` has the wrong length or an index outside the gallery.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Invalid k={k!r}: it must be an integer of at least 1.")
+        matrix = self._prepare(queries, "queries")
+        excluded = _check_exclusions(exclude, len(matrix), len(self))
+        most_excluded = max((len(rows) for rows in excluded), default=0)
+        k_valid = min(k, len(self) - most_excluded)
+        if len(matrix) == 0 or k_valid <= 0:
+            return self._result(torch.empty(len(matrix), 0), torch.empty(len(matrix), 0, dtype=torch.int64))
+        scores, indices = self._search(matrix, k_valid, excluded)
+        return self._result(scores, indices)
+
+    @abstractmethod
+    def _add(self, matrix: torch.Tensor) -> None:
+        """Append prepared ``(N, D)`` float32 vectors, normalised already for cosine."""
+
+    @abstractmethod
+    def _search(self, queries: torch.Tensor, k: int, excluded: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scores, indices)`` with ``k`` valid results per query, best first and never negative.
+
+        ``k`` is at most the gallery size minus the excluded entries of any query.
+        """
+
+    def _prepare(self, vectors: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+        matrix = torch.as_tensor(vectors).detach().to("cpu", torch.float32)
+        if matrix.ndim != 2:
+            raise ValueError(
+                f"Invalid {what}: expected a 2-D (N, D) matrix, got shape {tuple(matrix.shape)}. "
+                "Reshape a single vector with .reshape(1, -1)."
+            )
+        if self.dim is not None and len(matrix) and matrix.shape[1] != self.dim:
+            raise ValueError(
+                f"Invalid {what}: dimension {matrix.shape[1]} does not match the gallery dimension {self.dim}. "
+                "Embed queries and gallery with the same backbone, weights and preprocessing."
+            )
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"Invalid {what}: the matrix contains NaN or infinite values.")
+        if self.metric == "cosine":
+            matrix = F.normalize(matrix, dim=1)
+        return matrix.contiguous()
+
+    def _result(self, scores: torch.Tensor, indices: torch.Tensor) -> SearchResult:
+        return SearchResult(
+            scores=scores.float(),
+            indices=indices.long(),
+            metric=self.metric,
+            higher_is_better=self.higher_is_better,
+        )
+
+
+class ExactBackend(SearchBackend):
+    """Brute-force search with torch: every query is scored against every gallery vector.
+
+    Args:
+        metric: ``cosine`` or ``euclidean``.
+        chunk_size: queries scored at once. ``None`` picks a size that keeps the score matrix of a chunk
+            near ``EXACT_CHUNK_ELEMENTS`` elements.
+        device: torch device that holds the gallery and computes the scores.
+    """
+
+    name = "exact"
+
+    def __init__(
+        self, metric: Metric = "cosine", chunk_size: int | None = None, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__(metric)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size={chunk_size}: it must be at least 1, or None to pick one.")
+        self.chunk_size = chunk_size
+        self.device = torch.device(device)
+        self._gallery = torch.empty(0, 0, device=self.device)
+        self._squared_norms = torch.empty(0, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self._gallery)
+
+    def _add(self, matrix: torch.Tensor) -> None:
+        matrix = matrix.to(self.device)
+        self._gallery = matrix if len(self._gallery) == 0 else torch.cat([self._gallery, matrix])
+        self._squared_norms = self._gallery.square().sum(dim=1)
+
+    def _search(self, queries: torch.Tensor, k: int, excluded: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk_size = self.chunk_size or max(1, EXACT_CHUNK_ELEMENTS // len(self))
+        all_scores, all_indices = [], []
+        for start in range(0, len(queries), chunk_size):
+            chunk = queries[start : start + chunk_size].to(self.device)
+            # Work in "larger is better" keys: similarities as they are, distances negated.
+            keys = self._similarities(chunk) if self.higher_is_better else -self._distances(chunk)
+            for row, rows_to_drop in enumerate(excluded[start : start + chunk_size]):
+                if rows_to_drop:
+                    keys[row, list(rows_to_drop)] = -math.inf
+            top_keys, top_indices = _top_k_lowest_index_first(keys, k)
+            scores = top_keys if self.higher_is_better else -top_keys
+            all_scores.append(scores.cpu())
+            all_indices.append(top_indices.cpu())
+        return torch.cat(all_scores), torch.cat(all_indices)
+
+    def _similarities(self, queries: torch.Tensor) -> torch.Tensor:
+        return queries @ self._gallery.T
+
+    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
+        # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g, one matrix product. Rounding can make it slightly negative.
+        squared = queries.square().sum(dim=1, keepdim=True) + self._squared_norms - 2 * (queries @ self._gallery.T)
+        return squared.clamp_(min=0).sqrt_()
+
+
+def _top_k_lowest_index_first(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the ``k`` largest keys of each row and their column indices, ties taken by ascending index.
+
+    ``torch.topk`` does not specify which of several equal values it returns, so the k-th largest value
+    is only used as a threshold: every key above it is taken, and the remaining places go to the keys
+    equal to it with the lowest indices.
+    """
+    threshold = torch.topk(keys, k, dim=1).values[:, -1:]
+    above = keys > threshold
+    at_threshold = keys == threshold
+    places_left = k - above.sum(dim=1, keepdim=True)
+    rank_among_ties = at_threshold.cumsum(dim=1)
+    chosen = above | (at_threshold & (rank_among_ties <= places_left))
+    # Exactly k entries per row are chosen, and nonzero lists them row by row in ascending column order.
+    indices = chosen.nonzero()[:, 1].reshape(len(keys), k)
+    selected = keys.gather(1, indices)
+    # A stable sort keeps equal keys in ascending index order.
+    order = torch.sort(selected, dim=1, descending=True, stable=True).indices
+    return selected.gather(1, order), indices.gather(1, order)
+
+
+class FaissBackend(SearchBackend):
+    """Search with a faiss-cpu index. Cosine is inner product on L2-normalised vectors.
+
+    Args:
+        metric: ``cosine`` or ``euclidean``.
+        index_type: ``flat`` (exact), ``ivf`` (``IndexIVFFlat``) or ``hnsw`` (``IndexHNSWFlat``).
+        nlist: IVF only, number of inverted lists (k-means clusters), trained on the first ``add``.
+            ``None`` uses ``round(sqrt(N))`` of that first ``add``, a common rule of thumb. Faiss warns when
+            there are fewer than 39 training vectors per list.
+        nprobe: IVF only, lists visited per query (default 8). Higher is slower and finds more.
+        hnsw_m: HNSW only, neighbours per graph node (default 32).
+        ef_search: HNSW only, candidate list size while searching (default 64, raised to ``k`` when lower).
+        ef_construction: HNSW only, candidate list size while adding (default 40).
+
+    Raises:
+        ImportError: faiss is not installed; the message has the pip command.
+        ValueError: unknown ``index_type``, or an option that does not belong to ``index_type``.
+    """
+
+    name = "faiss"
+
+    def __init__(
+        self,
+        metric: Metric = "cosine",
+        index_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        hnsw_m: int | None = None,
+        ef_search: int | None = None,
+        ef_construction: int | None = None,
+    ) -> None:
+        super().__init__(metric)
+        if index_type not in FAISS_INDEX_TYPES:
+            raise ValueError(f"Invalid faiss index_type {index_type!r}. Choose one of: {', '.join(FAISS_INDEX_TYPES)}.")
+        options = {
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "hnsw_m": hnsw_m,
+            "ef_search": ef_search,
+            "ef_construction": ef_construction,
+        }
+        _check_faiss_options(index_type, options)
+        self.faiss = _import_faiss()
+        self.index_type = index_type
+        self.nlist = nlist
+        self.nprobe = nprobe if nprobe is not None else 8
+        self.hnsw_m = hnsw_m if hnsw_m is not None else 32
+        self.ef_search = ef_search if ef_search is not None else 64
+        self.ef_construction = ef_construction if ef_construction is not None else 40
+        self._index: Any = None
+
+    def __len__(self) -> int:
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    def _add(self, matrix: torch.Tensor) -> None:
+        vectors = np.ascontiguousarray(matrix.numpy(), dtype=np.float32)
+        if self._index is None:
+            self._index = self._create_index(vectors)
+        self._index.add(vectors)
+
+    def _create_index(self, first_vectors: np.ndarray) -> Any:
+        faiss = self.faiss
+        count, dim = first_vectors.shape
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        if self.index_type == "flat":
+            return faiss.IndexFlatIP(dim) if self.metric == "cosine" else faiss.IndexFlatL2(dim)
+        if self.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m, faiss_metric)
+            index.hnsw.efConstruction = self.ef_construction
+            return index
+        nlist = self.nlist if self.nlist is not None else max(1, round(math.sqrt(count)))
+        if nlist > count:
+            raise ValueError(
+                f"Invalid nlist={nlist}: IVF training needs at least nlist vectors in the first add, got {count}. "
+                "Lower nlist, or use index_type='flat' for a gallery this small."
+            )
+        quantizer = faiss.IndexFlatIP(dim) if self.metric == "cosine" else faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss_metric)
+        index.train(first_vectors)
+        log.info("Trained faiss IVF index with nlist=%d on %d vectors", nlist, count)
+        return index
+
+    def _search(self, queries: torch.Tensor, k: int, excluded: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        most_excluded = max((len(rows) for rows in excluded), default=0)
+        k_search = min(len(self), k + most_excluded)
+        self._set_search_options(k_search)
+        raw_scores, raw_indices = self._index.search(np.ascontiguousarray(queries.numpy()), k_search)
+        if self.metric == "euclidean":
+            # Faiss L2 indexes return squared distances.
+            raw_scores = np.sqrt(np.maximum(raw_scores, 0))
+        rows = [
+            _clean_faiss_row(raw_scores[row], raw_indices[row], excluded[row], self.higher_is_better)
+            for row in range(len(queries))
+        ]
+        found = min(len(indices) for _, indices in rows)
+        if found < k:
+            short = sum(1 for _, indices in rows if len(indices) < k)
+            log.warning(
+                "Faiss %s search found fewer than %d results for %d of %d queries, so every query returns %d. "
+                "Raise nprobe (IVF) or ef_search (HNSW) to find more.",
+                self.index_type,
+                k,
+                short,
+                len(queries),
+                found,
+            )
+        scores = torch.stack([torch.as_tensor(row_scores[:found]) for row_scores, _ in rows])
+        indices = torch.stack([torch.as_tensor(row_indices[:found]) for _, row_indices in rows])
+        return scores, indices
+
+    def _set_search_options(self, k: int) -> None:
+        if self.index_type == "ivf":
+            self._index.nprobe = self.nprobe
+        elif self.index_type == "hnsw":
+            self._index.hnsw.efSearch = max(self.ef_search, k)
+
+
+def _clean_faiss_row(
+    scores: np.ndarray, indices: np.ndarray, excluded: set[int], higher_is_better: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop faiss's -1 padding and the excluded rows, then order by score and by ascending index on ties."""
+    keep = indices >= 0
+    if excluded:
+        keep &= ~np.isin(indices, list(excluded))
+    scores, indices = scores[keep], indices[keep].astype(np.int64)
+    primary = -scores if higher_is_better else scores
+    # np.lexsort sorts by the last key first.
+    order = np.lexsort((indices, primary))
+    return scores[order].astype(np.float32), indices[order]
+
+
+def _check_faiss_options(index_type: str, options: dict[str, int | None]) -> None:
+    applicable = {"flat": set(), "ivf": {"nlist", "nprobe"}, "hnsw": {"hnsw_m", "ef_search", "ef_construction"}}
+    for option, value in options.items():
+        if value is None:
+            continue
+        if option not in applicable[index_type]:
+            allowed = ", ".join(sorted(applicable[index_type])) or "none"
+            raise ValueError(
+                f"Option {option}={value} does not apply to faiss index_type={index_type!r} "
+                f"(options for {index_type}: {allowed})."
+            )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {option}={value!r}: it must be an integer of at least 1.")
+
+
+def _import_faiss() -> Any:
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as error:
+        raise ImportError(
+            f"The faiss search backend needs faiss, which is not installed. Install it with: {FAISS_INSTALL_HINT}"
+        ) from error
+
+
+def _check_exclusions(exclude: Exclusions, query_count: int, gallery_size: int) -> list[set[int]]:
+    if exclude is None:
+        return [set() for _ in range(query_count)]
+    if len(exclude) != query_count:
+        raise ValueError(
+            f"Invalid exclude: it has {len(exclude)} entries for {query_count} queries. "
+            "Pass one iterable of gallery indices per query, empty where nothing is excluded."
+        )
+    excluded = []
+    for query, rows in enumerate(exclude):
+        row_set = {int(row) for row in rows}
+        outside = sorted(row for row in row_set if not 0 <= row < gallery_size)
+        if outside:
+            raise ValueError(
+                f"Invalid exclude for query {query}: gallery indices {outside} are outside 0..{gallery_size - 1}."
+            )
+        excluded.append(row_set)
+    return excluded
+
+
+def create_backend(name: str, metric: Metric = "cosine", **options: Any) -> SearchBackend:
+    """Create an empty search backend by name: ``exact`` or ``faiss``.
+
+    ``options`` go to ``ExactBackend`` (``chunk_size``, ``device``) or ``FaissBackend`` (``index_type``,
+    ``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``, ``ef_construction``). ``auto`` needs the gallery size,
+    so it is only accepted by ``build_backend``.
+
+    Raises:
+        ValueError: unknown backend name or metric, or ``name="auto"``.
+        TypeError: an option that the backend does not take.
+        ImportError: ``faiss`` requested but not installed.
+    """
+    if name == "exact":
+        return ExactBackend(metric, **options)
+    if name == "faiss":
+        return FaissBackend(metric, **options)
+    if name == "auto":
+        raise ValueError(
+            "Backend 'auto' picks exact or faiss from the gallery size: call build_backend(vectors, 'auto') "
+            "instead of create_backend."
+        )
+    raise ValueError(f"Invalid search backend {name!r}. Choose one of: {', '.join(BACKEND_NAMES)}.")
+
+
+def build_backend(
+    vectors: torch.Tensor | np.ndarray, name: str = "auto", metric: Metric = "cosine", **options: Any
+) -> SearchBackend:
+    """Create a backend and add the ``(N, D)`` gallery ``vectors`` to it.
+
+    ``auto`` uses ``exact`` up to ``EXACT_MAX_VECTORS`` vectors and faiss HNSW above that, or ``exact``
+    with a warning when faiss is not installed. Options go to the chosen backend, as in ``create_backend``.
+    """
+    if name == "auto":
+        name = _choose_backend(len(vectors))
+        if name == "faiss":
+            options = {"index_type": "hnsw", **options}
+    backend = create_backend(name, metric, **options)
+    backend.add(vectors)
+    return backend
+
+
+def _choose_backend(gallery_size: int) -> str:
+    if gallery_size <= EXACT_MAX_VECTORS:
+        return "exact"
+    try:
+        _import_faiss()
+    except ImportError:
+        log.warning(
+            "Gallery of %d vectors is above %d, where approximate search with faiss pays off, but faiss is "
+            "not installed, so the exact backend is used. Install it with: %s",
+            gallery_size,
+            EXACT_MAX_VECTORS,
+            FAISS_INSTALL_HINT,
+        )
+        return "exact"
+    log.info("Gallery of %d vectors is above %d: using the faiss HNSW backend", gallery_size, EXACT_MAX_VECTORS)
+    return "faiss"
