@@ -49,8 +49,8 @@ class Embedder:
     """Compute retrieval embeddings with a frozen backbone, reusing the on-disk feature cache.
 
     The cache key is ``FeatureKey(backbone.spec.name, backbone.weights_id, preprocessing.preprocess_id,
-    "avg")``, the key that training uses with ``head.pool=avg``. Features are computed on the device that
-    holds ``backbone``.
+    "avg")``, the key that training uses with ``head.pool=avg``. Features are computed on the device of
+    ``backbone``'s parameters.
     """
 
     def __init__(

@@ -16,10 +16,9 @@ Updates are incremental by content: an image whose SHA-256 is already in the ind
 whatever its path, so renamed and duplicated files need no backbone pass. Only new contents go to the
 embedder, which itself reads the feature cache first.
 
-NOTE: the write lock uses ``fcntl.flock``, so writing an index works on POSIX systems only.
+NOTE: the write lock uses ``fcntl.flock``, so building and updating an index work on POSIX systems only.
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -251,7 +250,7 @@ class IndexedImage:
 
 @dataclass(frozen=True)
 class IndexChanges:
-    """What a build or update changed, compared by relative path with the previous version."""
+    """Change counts of a build or update, compared by relative path with the previous version."""
 
     added: int
     """Relative paths that were not in the previous version."""
@@ -366,9 +365,10 @@ class GalleryIndex:
     ) -> "GalleryIndex":
         """Index the images of ``root`` in ``index_dir``, updating an index that is already there.
 
-        An existing index keeps the vectors of the contents that are still in ``root`` and only new contents
-        are embedded; ``rebuild=True`` discards it and embeds everything (through the feature cache). The
-        new version replaces the old one atomically, so an interrupted build leaves the old one usable.
+        An existing index keeps the vectors of the contents that are still in ``root``, and only new contents
+        are embedded. ``rebuild=True`` discards the existing index and embeds everything through the feature
+        cache. The new version replaces the old one atomically, so an interrupted build leaves the old one
+        usable.
 
         Raises:
             ValueError: the existing index was built with another backbone, weights, preprocessing or
@@ -449,7 +449,7 @@ class GalleryIndex:
             )
 
     def create_search_backend(self, name: str = "auto", metric: Metric = "cosine", **options: Any) -> SearchBackend:
-        """Return a search backend over ``embeddings``; arguments as in ``search.build_backend``."""
+        """Build a search backend over ``embeddings``. The arguments mean what they mean in ``build_backend``."""
         return build_backend(self.embeddings, name, metric, **options)
 
 
@@ -502,7 +502,7 @@ def _load_version(directory: Path, manifest: IndexManifest) -> GalleryIndex:
     if embeddings is None or embeddings.dtype != torch.float32 or tuple(embeddings.shape) != expected_shape:
         found = "no 'embeddings' tensor" if embeddings is None else f"{embeddings.dtype} {tuple(embeddings.shape)}"
         raise ValueError(
-            f"Gallery index {directory} is corrupt: {embeddings_path.name} holds {found}, expected "
+            f"Gallery index {directory} is corrupt: {embeddings_path.name} contains {found}, expected "
             f"float32 {expected_shape}. Rebuild the index with GalleryIndex.build(..., rebuild=True)."
         )
     column_names = ("ids", "relpaths", "sha256", "labels")
@@ -526,12 +526,14 @@ def _load_version(directory: Path, manifest: IndexManifest) -> GalleryIndex:
 @contextmanager
 def _write_lock(directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<directory>/.lock``. The kernel releases it if the process dies."""
+    import fcntl  # POSIX only, so it is imported here and opening an index works everywhere.
+
     with (directory / LOCK_FILE).open("a") as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(
-                f"Another process is writing the gallery index in {directory} (it holds {directory / LOCK_FILE}). "
+                f"Another process is writing the gallery index in {directory} (it has locked {directory / LOCK_FILE}). "
                 "Wait for it to finish, then try again."
             ) from None
         try:
@@ -636,13 +638,13 @@ def _merge_with_previous(
     embeddings = torch.cat(sources).index_select(0, torch.tensor(source_rows, dtype=torch.int64))
 
     scanned_paths = {image.relpath: image.sha256 for image in scan.images}
-    kept = [relpath for relpath in scanned_paths if relpath in previous_by_path]
-    modified = sum(1 for relpath in kept if previous_by_path[relpath].sha256 != scanned_paths[relpath])
+    kept_paths = [relpath for relpath in scanned_paths if relpath in previous_by_path]
+    modified = sum(1 for relpath in kept_paths if previous_by_path[relpath].sha256 != scanned_paths[relpath])
     changes = IndexChanges(
-        added=len(scanned_paths) - len(kept),
+        added=len(scanned_paths) - len(kept_paths),
         removed=sum(1 for relpath in previous_by_path if relpath not in scanned_paths),
         modified=modified,
-        unchanged=len(kept) - modified,
+        unchanged=len(kept_paths) - modified,
         embedded=len(new_contents),
         reused=sum(1 for image in scan.images if image.sha256 in previous_rows),
     )

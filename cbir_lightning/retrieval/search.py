@@ -72,8 +72,9 @@ class SearchResult:
     """The best ``k'`` gallery entries for each query, best first.
 
     ``k' = min(k, gallery size - the largest number of gallery entries excluded for one query)``. The faiss
-    IVF and HNSW indexes can find fewer entries than that for some queries; ``k'`` is then the smallest
-    number found for any query, and a warning is logged.
+    IVF and HNSW indexes can find fewer entries than that for some queries. Those queries are searched
+    again exhaustively, and if they still come back short, ``k'`` is the smallest number found for any
+    query and a warning is logged.
     """
 
     scores: torch.Tensor
@@ -134,8 +135,8 @@ class SearchBackend(ABC):
             raise ValueError(f"Invalid k={k!r}: it must be an integer of at least 1.")
         matrix = self._prepare(queries, "queries")
         excluded = _check_exclusions(exclude, len(matrix), len(self))
-        most_excluded = max((len(rows) for rows in excluded), default=0)
-        k_valid = min(k, len(self) - most_excluded)
+        max_excluded = max((len(rows) for rows in excluded), default=0)
+        k_valid = min(k, len(self) - max_excluded)
         if len(matrix) == 0 or k_valid <= 0:
             return self._result(torch.empty(len(matrix), 0), torch.empty(len(matrix), 0, dtype=torch.int64))
         scores, indices = self._search(matrix, k_valid, excluded)
@@ -152,20 +153,20 @@ class SearchBackend(ABC):
         ``k`` is at most the gallery size minus the excluded entries of any query.
         """
 
-    def _prepare(self, vectors: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    def _prepare(self, vectors: torch.Tensor | np.ndarray, description: str) -> torch.Tensor:
         matrix = torch.as_tensor(vectors).detach().to("cpu", torch.float32)
         if matrix.ndim != 2:
             raise ValueError(
-                f"Invalid {what}: expected a 2-D (N, D) matrix, got shape {tuple(matrix.shape)}. "
+                f"Invalid {description}: expected a 2-D (N, D) matrix, got shape {tuple(matrix.shape)}. "
                 "Reshape a single vector with .reshape(1, -1)."
             )
         if self.dim is not None and len(matrix) and matrix.shape[1] != self.dim:
             raise ValueError(
-                f"Invalid {what}: dimension {matrix.shape[1]} does not match the gallery dimension {self.dim}. "
+                f"Invalid {description}: dimension {matrix.shape[1]} does not match the gallery dimension {self.dim}. "
                 "Embed queries and gallery with the same backbone, weights and preprocessing."
             )
         if not torch.isfinite(matrix).all():
-            raise ValueError(f"Invalid {what}: the matrix contains NaN or infinite values.")
+            raise ValueError(f"Invalid {description}: the matrix contains NaN or infinite values.")
         if self.metric == "cosine":
             matrix = F.normalize(matrix, dim=1)
         return matrix.contiguous()
@@ -186,7 +187,7 @@ class ExactBackend(SearchBackend):
         metric: ``cosine`` or ``euclidean``.
         chunk_size: queries scored at once. ``None`` picks a size that keeps the score matrix of a chunk
             near ``EXACT_CHUNK_ELEMENTS`` elements.
-        device: torch device that holds the gallery and computes the scores.
+        device: torch device that stores the gallery and computes the scores.
     """
 
     name = "exact"
@@ -238,9 +239,9 @@ class ExactBackend(SearchBackend):
 def _top_k_lowest_index_first(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the ``k`` largest keys of each row and their column indices, ties taken by ascending index.
 
-    ``torch.topk`` does not specify which of several equal values it returns, so the k-th largest value
-    is only used as a threshold: every key above it is taken, and the remaining places go to the keys
-    equal to it with the lowest indices.
+    ``torch.topk`` does not specify which of several equal values it returns, so its k-th largest value
+    serves only as a threshold. Every key above the threshold is taken, and the remaining places go to the
+    keys equal to it with the lowest indices.
     """
     threshold = torch.topk(keys, k, dim=1).values[:, -1:]
     above = keys > threshold
@@ -265,9 +266,11 @@ class FaissBackend(SearchBackend):
         nlist: IVF only, number of inverted lists (k-means clusters), trained on the first ``add``.
             ``None`` uses ``round(sqrt(N))`` of that first ``add``, a common rule of thumb. Faiss warns when
             there are fewer than 39 training vectors per list.
-        nprobe: IVF only, lists visited per query (default 8). Higher is slower and finds more.
+        nprobe: IVF only, lists visited per query (default 8). Higher is slower and finds more. A query that
+            finds fewer than ``k`` entries is searched again with every list visited.
         hnsw_m: HNSW only, neighbours per graph node (default 32).
         ef_search: HNSW only, candidate list size while searching (default 64, raised to ``k`` when lower).
+            A query that finds fewer than ``k`` entries is searched again with a list as large as the gallery.
         ef_construction: HNSW only, candidate list size while adding (default 40).
 
     Raises:
@@ -339,26 +342,24 @@ class FaissBackend(SearchBackend):
         return index
 
     def _search(self, queries: torch.Tensor, k: int, excluded: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        most_excluded = max((len(rows) for rows in excluded), default=0)
-        k_search = min(len(self), k + most_excluded)
-        self._set_search_options(k_search)
-        raw_scores, raw_indices = self._index.search(np.ascontiguousarray(queries.numpy()), k_search)
-        if self.metric == "euclidean":
-            # Faiss L2 indexes return squared distances.
-            raw_scores = np.sqrt(np.maximum(raw_scores, 0))
-        rows = [
-            _clean_faiss_row(raw_scores[row], raw_indices[row], excluded[row], self.higher_is_better)
-            for row in range(len(queries))
-        ]
+        vectors = np.ascontiguousarray(queries.numpy())
+        rows = self._search_rows(vectors, k, excluded, exhaustive=False)
+        short = [row for row, (_, indices) in enumerate(rows) if len(indices) < k]
+        if short and self.index_type != "flat":
+            # IVF lists and the HNSW candidate list can hold fewer than k entries, and faiss pads the
+            # missing places with -1. Search these queries again with every list probed (IVF) or with a
+            # candidate list as large as the gallery (HNSW).
+            retried = self._search_rows(vectors[short], k, [excluded[row] for row in short], exhaustive=True)
+            for row, result in zip(short, retried, strict=True):
+                rows[row] = result
+
         found = min(len(indices) for _, indices in rows)
         if found < k:
-            short = sum(1 for _, indices in rows if len(indices) < k)
             log.warning(
-                "Faiss %s search found fewer than %d results for %d of %d queries, so every query returns %d. "
-                "Raise nprobe (IVF) or ef_search (HNSW) to find more.",
+                "Faiss %s search found fewer than %d results for %d of %d queries, so every query returns %d.",
                 self.index_type,
                 k,
-                short,
+                sum(1 for _, indices in rows if len(indices) < k),
                 len(queries),
                 found,
             )
@@ -366,11 +367,24 @@ class FaissBackend(SearchBackend):
         indices = torch.stack([torch.as_tensor(row_indices[:found]) for _, row_indices in rows])
         return scores, indices
 
-    def _set_search_options(self, k: int) -> None:
+    def _search_rows(
+        self, vectors: np.ndarray, k: int, excluded: list[set[int]], exhaustive: bool
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Search and return per query the valid results, best first, without -1 padding or excluded rows."""
+        max_excluded = max((len(rows) for rows in excluded), default=0)
+        k_search = min(len(self), k + max_excluded)
         if self.index_type == "ivf":
-            self._index.nprobe = self.nprobe
+            self._index.nprobe = self._index.nlist if exhaustive else self.nprobe
         elif self.index_type == "hnsw":
-            self._index.hnsw.efSearch = max(self.ef_search, k)
+            self._index.hnsw.efSearch = len(self) if exhaustive else max(self.ef_search, k_search)
+        raw_scores, raw_indices = self._index.search(vectors, k_search)
+        if self.metric == "euclidean":
+            # Faiss L2 indexes return squared distances.
+            raw_scores = np.sqrt(np.maximum(raw_scores, 0))
+        return [
+            _clean_faiss_row(raw_scores[row], raw_indices[row], excluded[row], self.higher_is_better)
+            for row in range(len(vectors))
+        ]
 
 
 def _clean_faiss_row(
