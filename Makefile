@@ -13,8 +13,15 @@ ARGS ?=
 SWEEP_BACKBONES ?= mobilenet,mobilenetv2,densenet121,vgg16,nasnetmobile,xception
 SEEDS ?= 0,1,2
 SWEEP ?=
+# A second virtual environment with TensorFlow, only for the Keras equivalence tests (about 7 GB, because the
+# PyPI torch wheel brings CUDA libraries). tf-keras requires tensorflow rather than tensorflow-cpu. These
+# are the versions the tests passed with.
+TF_VENV ?= .venv-tf
+TF_PYTHON := $(TF_VENV)/bin/python
+TF_PACKAGES := tensorflow==2.21.0 tf-keras==2.21.0 torch==2.14.1 torchvision==0.29.1 "timm>=1.0.15" h5py \
+	hydra-core pillow pytest
 
-.PHONY: help install train sweep report test test-fast lint format clean clean-logs
+.PHONY: help install train sweep report retrieve test test-fast test-tensorflow lint format clean clean-logs
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,11 +44,24 @@ sweep: install ## Train every backbone of the comparison over 3 seeds (Hydra mul
 report: install ## Write comparison.md and comparison.png for the newest sweep, or for SWEEP=<folder>
 	$(PYTHON) -m experiments.compare $(or $(SWEEP),$(shell ls -dt logs/train/multiruns/*/ 2>/dev/null | head -n 1))
 
+retrieve: install ## Query COREL-1K by image (default: a random training image); ARGS="query=photo.jpg k=20"
+	$(PYTHON) -m cbir_lightning.retrieve $(ARGS)
+
 test: install ## Run every test, including the real-data ones on COREL-1K (about 5 minutes on 2 cores)
 	$(PYTHON) -m pytest
 
 test-fast: install ## Run the offline mechanism tests only (no real weights, no COREL-1K)
 	$(PYTHON) -m pytest -m "not corel and not weights"
+
+$(TF_VENV)/.installed: pyproject.toml Makefile
+	test -x $(TF_PYTHON) || $(BOOTSTRAP_PYTHON) -m venv $(TF_VENV)
+	$(TF_PYTHON) -m pip install --quiet --upgrade pip
+	$(TF_PYTHON) -m pip install --quiet $(TF_PACKAGES)
+	$(TF_PYTHON) -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-tensorflow: $(TF_VENV)/.installed ## Run the Keras equivalence tests in a separate venv with TensorFlow
+	$(TF_PYTHON) -m pytest -m tensorflow tests/test_keras_equivalence.py
 
 lint: install ## Check style with ruff
 	$(VENV)/bin/ruff check cbir_lightning tests experiments
@@ -54,5 +74,5 @@ format: install ## Format the code with ruff
 clean-logs: ## Delete the run folders under logs/
 	rm -rf logs
 
-clean: ## Delete the virtual environment and caches (the feature and weight caches in ~/.cache stay)
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+clean: ## Delete the virtual environments and caches (the feature and weight caches in ~/.cache stay)
+	rm -rf $(VENV) $(TF_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -72,3 +72,9 @@ def tiny_train_overrides(tmp_path: Path, image_folder: Path, tiny_backbone: Back
         "trainer.accelerator=cpu",
         "logger=csv",
     ]
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with Hydra's compose API, as the command line would."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)

@@ -1,0 +1,210 @@
+"""Query-by-image retrieval from a persistent gallery index.
+
+Usage::
+
+    python -m cbir_lightning.retrieve                         # a random training image of COREL-1K
+    python -m cbir_lightning.retrieve query=photo.jpg k=20 metric=euclidean
+
+The run folder receives ``retrieval.json`` (the query, then each result's rank, path, class and score),
+``retrieval.png`` (the query and the results as a grid) and ``retrieval.html`` (the same as one
+self-contained page).
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cbir_lightning.data.datamodule import resolve_data_root
+from cbir_lightning.data.decode import UnusableImageError
+from cbir_lightning.data.folder import ImageRecord
+from cbir_lightning.data.split import SPLIT_NAMES, split_records
+from cbir_lightning.models.weights.errors import WeightsUnavailableError
+from cbir_lightning.retrieval.embed import Embedder, build_embedder
+from cbir_lightning.retrieval.index import GalleryIndex
+from cbir_lightning.retrieval.search import SearchResult, build_backend
+from cbir_lightning.utils.paths import default_cache_dir
+from cbir_lightning.visualize.gallery import GalleryItem, write_gallery_html, write_gallery_png
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, NotADirectoryError, ValueError)
+GALLERY_SPLITS = (*SPLIT_NAMES, "all")
+
+
+@dataclass(frozen=True)
+class Query:
+    """The query image and its embedding; ``gallery_rows`` are the gallery rows with the same content."""
+
+    path: Path
+    class_name: str | None
+    vector: torch.Tensor
+    gallery_rows: tuple[int, ...]
+
+
+def retrieve(cfg: DictConfig) -> dict[str, Any]:
+    """Run one query against the gallery and write the outputs; return the contents of ``retrieval.json``."""
+    if cfg.index.split not in GALLERY_SPLITS:
+        raise ValueError(f"Invalid index.split={cfg.index.split!r}. Choose one of: {', '.join(GALLERY_SPLITS)}.")
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
+    embedder = build_embedder(
+        cfg.backbone.name,
+        cfg.weights.source,
+        cfg.weights.path,
+        cfg.preprocess,
+        cache_dir,
+        init_seed=cfg.weights.init_seed,
+        device=cfg.features.device,
+        batch_size=cfg.features.batch_size,
+        num_workers=cfg.features.num_workers,
+        max_pixels=cfg.index.max_pixels,
+        show_progress=cfg.index.show_progress,
+    )
+    root = resolve_data_root(cfg.index.root).resolve()
+    index_dir = Path(cfg.index.dir) if cfg.index.dir else _default_index_dir(cache_dir, root, embedder)
+    index = GalleryIndex.build(
+        root, embedder, index_dir, max_pixels=cfg.index.max_pixels, show_progress=cfg.index.show_progress
+    )
+    rows = gallery_rows(index, cfg.index.split, tuple(cfg.index.fractions), cfg.index.split_seed)
+    query = _resolve_query(cfg, index, rows, embedder)
+    result = _search(cfg, index, rows, query)
+
+    report = _report(cfg, index, rows, query, result)
+    (run_dir / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_pictures(run_dir, cfg, report)
+    log.info("Query %s: %d results written to %s", query.path, len(report["results"]), run_dir)
+    return report
+
+
+def _default_index_dir(cache_dir: Path, root: Path, embedder: Embedder) -> Path:
+    digest = hashlib.sha256(f"{root}|{embedder.key.digest()}".encode()).hexdigest()[:12]
+    return cache_dir / "indexes" / f"{embedder.key.backbone}-{digest}"
+
+
+def gallery_rows(index: GalleryIndex, split: str, fractions: tuple[float, ...], split_seed: int) -> list[int]:
+    """Return the index rows that form the gallery: all of them, or one part of the per-class split."""
+    if split == "all":
+        return list(range(len(index.images)))
+    if index.class_names is None:
+        raise ValueError(
+            f"index.split={split} needs class sub-folders, but {index.root} is a flat folder. Use index.split=all."
+        )
+    records = [
+        ImageRecord(
+            index.root / image.relpath, image.relpath, index.class_names[image.label], image.label, image.sha256
+        )
+        for image in index.images
+    ]
+    chosen = {record.relpath for record in split_records(records, fractions, split_seed)[split]}
+    return [row for row, image in enumerate(index.images) if image.relpath in chosen]
+
+
+def _resolve_query(cfg: DictConfig, index: GalleryIndex, rows: list[int], embedder: Embedder) -> Query:
+    class_names = index.image_class_names
+    if str(cfg.query) == "random":
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        row = rows[int(torch.randint(len(rows), (1,), generator=generator))]
+        return Query(index.paths[row], class_names[row], index.embeddings[row], _rows_with_content(index, row))
+    path = Path(str(cfg.query)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Query image {str(path)!r} not found. Pass query=<image file> or query=random.")
+    try:
+        vector = embedder.embed_image(path)
+    except UnusableImageError as error:
+        raise ValueError(f"Query {str(path)!r} is not a usable image ({error.reason}).") from error
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    same = tuple(row for row, image in enumerate(index.images) if image.sha256 == digest)
+    class_name = class_names[same[0]] if same else None
+    return Query(path.resolve(), class_name, vector, same)
+
+
+def _rows_with_content(index: GalleryIndex, row: int) -> tuple[int, ...]:
+    digest = index.images[row].sha256
+    return tuple(other for other, image in enumerate(index.images) if image.sha256 == digest)
+
+
+def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> SearchResult:
+    backend_options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
+    backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, **backend_options)
+    position = {row: offset for offset, row in enumerate(rows)}
+    excluded = {position[row] for row in query.gallery_rows if row in position} if cfg.exclude_query else set()
+    return backend.search(query.vector[None], int(cfg.k), exclude=[excluded])
+
+
+def _report(
+    cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query, result: SearchResult
+) -> dict[str, Any]:
+    score_name = "similarity" if result.higher_is_better else "distance"
+    results = []
+    for rank, (offset, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist(), strict=True), 1):
+        row = rows[offset]
+        results.append(
+            {
+                "rank": rank,
+                "path": str(index.paths[row]),
+                "class": index.image_class_names[row],
+                score_name: round(float(score), 6),
+            }
+        )
+    same_class = [item["class"] == query.class_name for item in results] if query.class_name else []
+    return {
+        "query": {"path": str(query.path), "class": query.class_name},
+        "backbone": cfg.backbone.name,
+        "weights_id": index.manifest.weights_id,
+        "metric": result.metric,
+        "score": score_name,
+        "k": int(cfg.k),
+        "gallery": {"root": str(index.root), "split": cfg.index.split, "size": len(rows)},
+        "precision_at_k": sum(same_class) / len(same_class) if same_class else None,
+        "results": results,
+    }
+
+
+def _write_pictures(run_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> None:
+    query_class = report["query"]["class"]
+    query = GalleryItem(
+        Path(report["query"]["path"]), 0, query_class or Path(report["query"]["path"]).name, "", query_class
+    )
+    short = "cos" if report["score"] == "similarity" else "d"
+    results = [
+        GalleryItem(
+            Path(item["path"]),
+            item["rank"],
+            item["class"] or Path(item["path"]).name,
+            f"{short} {item[report['score']]:.3f}",
+            item["class"],
+        )
+        for item in report["results"]
+    ]
+    write_gallery_png(query, results, run_dir / "retrieval.png")
+    details = [
+        f"backbone {report['backbone']} ({report['weights_id']}), metric {report['metric']}",
+        f"gallery: {report['gallery']['root']} ({report['gallery']['split']}, {report['gallery']['size']} images)",
+    ]
+    if report["precision_at_k"] is not None:
+        details.append(f"results of the query's class: {report['precision_at_k']:.0%}")
+    title = f"Top {len(results)} results for {Path(report['query']['path']).name}"
+    write_gallery_html(query, results, run_dir / "retrieval.html", title, details)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="retrieve")
+def main(cfg: DictConfig) -> None:
+    """Run :func:`retrieve` from the command line."""
+    try:
+        retrieve(cfg)
+    except USER_ERRORS as error:
+        log.debug("Traceback of the error below", exc_info=error)
+        log.error("%s", error)
+        raise SystemExit(1) from error
+
+
+if __name__ == "__main__":
+    main()

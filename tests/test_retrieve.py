@@ -1,0 +1,115 @@
+"""The query-by-image command end to end on a tiny generated folder, and its errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cbir_lightning.models.registry import BackboneSpec
+from cbir_lightning.retrieve import retrieve
+from tests.conftest import compose_config
+
+
+@pytest.fixture
+def overrides(tmp_path: Path, image_folder: Path, tiny_backbone: BackboneSpec) -> list[str]:
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"index.root={image_folder}",
+        f"index.dir={tmp_path / 'index'}",
+        "index.show_progress=false",
+        "backbone.name=tiny",
+        "weights.source=none",
+        f"features.cache_dir={tmp_path / 'cache'}",
+        "features.num_workers=0",
+        "k=5",
+    ]
+
+
+def test_retrieve_writes_three_outputs(overrides: list[str], tmp_path: Path) -> None:
+    report = retrieve(compose_config("retrieve", overrides))
+
+    run_dir = tmp_path / "run"
+    stored = json.loads((run_dir / "retrieval.json").read_text())
+    assert stored == report
+    assert (run_dir / "retrieval.png").is_file()
+    html = (run_dir / "retrieval.html").read_text()
+    assert html.count("<figure>") == 6
+    assert "data:image/jpeg;base64," in html
+    assert 'src="/' not in html
+
+
+def test_results_are_ranked_and_labelled(overrides: list[str]) -> None:
+    report = retrieve(compose_config("retrieve", overrides))
+
+    results = report["results"]
+    assert [item["rank"] for item in results] == [1, 2, 3, 4, 5]
+    similarities = [item["similarity"] for item in results]
+    assert similarities == sorted(similarities, reverse=True)
+    assert all(item["class"] in {"cats", "dogs", "owls"} for item in results)
+    assert report["gallery"]["size"] == 21
+
+
+def test_random_query_is_excluded(overrides: list[str]) -> None:
+    report = retrieve(compose_config("retrieve", [*overrides, "k=100"]))
+
+    paths = [item["path"] for item in report["results"]]
+    assert report["query"]["path"] not in paths
+    assert len(paths) == 20
+
+
+def test_query_file_in_gallery_is_excluded(overrides: list[str], image_folder: Path) -> None:
+    query = image_folder / "owls" / "3.jpg"
+
+    report = retrieve(compose_config("retrieve", [*overrides, f"query={query}", "index.split=all"]))
+
+    assert report["query"]["class"] == "owls"
+    assert str(query) not in [item["path"] for item in report["results"]]
+    assert report["results"][0]["class"] == "owls"
+
+
+def test_outside_query_keeps_every_result(overrides: list[str], tmp_path: Path) -> None:
+    query = tmp_path / "outside.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(query)
+
+    report = retrieve(compose_config("retrieve", [*overrides, f"query={query}", "k=3"]))
+
+    assert report["query"]["class"] is None
+    assert report["results"][0]["class"] == "cats"
+
+
+def test_euclidean_reports_distances(overrides: list[str]) -> None:
+    report = retrieve(compose_config("retrieve", [*overrides, "metric=euclidean"]))
+
+    distances = [item["distance"] for item in report["results"]]
+    assert distances == sorted(distances)
+    assert report["score"] == "distance"
+
+
+def test_second_run_reuses_index(overrides: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    retrieve(compose_config("retrieve", overrides))
+
+    with caplog.at_level("INFO"):
+        retrieve(compose_config("retrieve", [*overrides, f"output_dir={tmp_path / 'second'}", "seed=3"]))
+
+    assert "is up to date" in caplog.text
+
+
+def test_missing_query_names_path(overrides: list[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.jpg"
+
+    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
+        retrieve(compose_config("retrieve", [*overrides, f"query={missing}"]))
+
+
+def test_non_image_query_names_path(overrides: list[str], tmp_path: Path) -> None:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+
+    with pytest.raises(ValueError, match="notes.jpg.*not a usable image"):
+        retrieve(compose_config("retrieve", [*overrides, f"query={text}"]))
+
+
+def test_invalid_split_names_choices(overrides: list[str]) -> None:
+    with pytest.raises(ValueError, match="Invalid index.split='holdout'.*train, val, test, all"):
+        retrieve(compose_config("retrieve", [*overrides, "index.split=holdout"]))
