@@ -21,7 +21,7 @@ TF_PYTHON := $(TF_VENV)/bin/python
 TF_PACKAGES := tensorflow==2.21.0 tf-keras==2.21.0 torch==2.14.1 torchvision==0.29.1 "timm>=1.0.15" h5py \
 	hydra-core pillow pytest
 
-.PHONY: help install train sweep report retrieve test test-fast test-tensorflow lint format clean clean-logs
+.PHONY: help install train sweep report retrieve evaluate-retrieval test test-fast test-tensorflow lint format clean clean-logs
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ report: install ## Write comparison.md and comparison.png for the newest sweep, 
 
 retrieve: install ## Query COREL-1K by image (default: a random training image); ARGS="query=photo.jpg k=20"
 	$(PYTHON) -m cbir_lightning.retrieve $(ARGS)
+
+evaluate-retrieval: install ## Leave-one-out retrieval mAP and precision@k on COREL-1K; ARGS="backbone=efficientnet_lite2"
+	$(PYTHON) -m cbir_lightning.evaluate_retrieval $(ARGS)
 
 test: install ## Run every test, including the real-data ones on COREL-1K (about 5 minutes on 2 cores)
 	$(PYTHON) -m pytest

@@ -13,7 +13,7 @@ from torchmetrics.retrieval import RetrievalMAP, RetrievalPrecision, RetrievalRe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CUTOFFS", "leave_one_out_metrics", "similarity_matrix"]
+__all__ = ["DEFAULT_CUTOFFS", "leave_one_out_metrics", "ranking_metrics", "similarity_matrix"]
 
 DEFAULT_CUTOFFS = (10, 12, 20)
 METRICS = ("cosine", "euclidean")
@@ -44,10 +44,22 @@ def leave_one_out_metrics(
 
     Returns ``mAP``, ``P@k`` and ``R@k`` for each cutoff k, and ``per_class_mAP`` keyed by class name.
     """
-    count = len(embeddings)
+    return ranking_metrics(similarity_matrix(embeddings, metric), labels, class_names, cutoffs)
+
+
+def ranking_metrics(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    cutoffs: Sequence[int] = DEFAULT_CUTOFFS,
+) -> dict[str, float | dict[str, float]]:
+    """Score leave-one-out rankings given as an (N, N) matrix in which a higher value means a closer pair.
+
+    The diagonal (each image against itself) is left out of every ranking.
+    """
+    count = len(scores)
     if count < 2:
         raise ValueError(f"Leave-one-out needs at least 2 images, got {count}.")
-    scores = similarity_matrix(embeddings, metric)
     others = ~torch.eye(count, dtype=torch.bool)
     preds = scores[others].view(count, count - 1)
     # torchmetrics 1.9 treats a relevant item with a prediction <= 0 as irrelevant (see its
