@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cbir_lightning.models.backbone import build_backbone
-from cbir_lightning.models.registry import BACKBONES, get_backbone_spec, list_backbones
+from cbir_lightning.models.registry import BACKBONES, BackboneSpec, get_backbone_spec, list_backbones
 
 PAPER_BACKBONES = ("mobilenet", "mobilenetv2", "densenet121", "vgg16", "nasnetmobile", "xception")
 IMPLEMENTED = [name for name, spec in BACKBONES.items() if spec.implemented]
@@ -56,9 +56,11 @@ def test_flatten_pool_keeps_the_whole_map() -> None:
     assert features.shape == (2, 1024 * 7 * 7)
 
 
-def test_nasnetmobile_is_not_implemented_yet() -> None:
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        get_backbone_spec("nasnetmobile")
+def test_unimplemented_backbone_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BACKBONES, "planned", BackboneSpec("planned", None, 512, None))
+
+    with pytest.raises(NotImplementedError, match="'planned' is registered but not implemented yet"):
+        get_backbone_spec("planned")
 
 
 def test_unknown_backbone_lists_choices() -> None:

@@ -170,7 +170,8 @@ def test_command_line_head_override_wins() -> None:
     assert list(cfg.head.hidden) == [64, 64]
 
 
-def test_cli_reports_unimplemented_backbone(tmp_path: Path) -> None:
+def test_cli_reports_missing_weights(tmp_path: Path) -> None:
+    # nasnetmobile has no timm download, so the default weights.source=auto fails with the alternatives.
     result = subprocess.run(
         [sys.executable, "-m", "cbir_lightning.train", "backbone=nasnetmobile", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
@@ -178,8 +179,10 @@ def test_cli_reports_unimplemented_backbone(tmp_path: Path) -> None:
         timeout=120,
     )
 
+    output = result.stdout + result.stderr
     assert result.returncode == 1
-    assert "not implemented yet" in result.stdout + result.stderr
+    assert "timm has no pretrained download for 'nasnetamobile'" in output
+    assert "weights.source=file" in output
     assert "Traceback" not in result.stderr
 
 

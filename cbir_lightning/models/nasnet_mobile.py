@@ -32,7 +32,7 @@ from torch import nn
 __all__ = ["NASNetAMobile"]
 
 BN_EPS = 1e-3
-# Keras' BatchNormalization momentum 0.9997 is the decay of the moving averages; PyTorch's momentum is 1 - decay.
+# Keras' BatchNormalization momentum 0.9997 is the decay of the moving averages. PyTorch's momentum is 1 - decay.
 BN_MOMENTUM = 1.0 - 0.9997
 
 
@@ -98,8 +98,8 @@ class FactorizedReduction(nn.Module):
     """Bring the previous cell's output to half its resolution with two 1x1 convolutions on offset pixel grids.
 
     The first path reads the even rows and columns. Keras builds the second path by padding the bottom and
-    right by one and cropping the top and left by one before its stride-2 1x1 average pool, so that path
-    reads the odd rows and columns, and for an odd input size its last row and column are zeros.
+    right by one and cropping the top and left by one before its stride-2 1x1 average pool. That path reads
+    the odd rows and columns, so for an odd input size its last row and column are zeros.
     """
 
     def __init__(self, in_chs: int, out_chs: int) -> None:
@@ -294,7 +294,7 @@ class NASNetAMobile(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Keras initialises the plain convolutions with he_normal; BatchNorm and Linear keep PyTorch's defaults.
+        # Keras initialises the plain convolutions with he_normal. BatchNorm and Linear keep PyTorch's defaults.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
@@ -305,7 +305,7 @@ class NASNetAMobile(nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a new one of ``num_classes`` outputs; ``global_pool=''`` removes pooling."""
+        """Replace the classifier with a new one of ``num_classes`` outputs (``global_pool=''`` removes pooling)."""
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
@@ -331,7 +331,7 @@ class NASNetAMobile(nn.Module):
 
 
 def _create_nasnet_mobile(variant: str, pretrained: bool = False, **kwargs) -> NASNetAMobile:
-    # The cells take two inputs, so timm cannot rewrite the model into a sequence; features come from hooks.
+    # The cells take two inputs, so timm cannot rewrite the model into a sequence. Features come from hooks.
     return build_model_with_cfg(
         NASNetAMobile,
         variant,

@@ -74,7 +74,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         raise ValueError(f"Unknown backbone {name!r}. Choose one of: {', '.join(BACKBONES)}.")
     if not spec.implemented:
         raise NotImplementedError(
-            f"Backbone {name!r} is registered but not implemented yet: timm has no NASNet-A Mobile. "
+            f"Backbone {name!r} is registered but not implemented yet: it has no timm architecture. "
             f"Choose another backbone, e.g. backbone=mobilenet."
         )
     return spec

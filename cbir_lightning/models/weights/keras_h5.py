@@ -11,15 +11,20 @@ timm's ``legacy_xception`` (Keras ``Xception``). TensorFlow is not needed. Three
 * Keras 3 weights, written by Keras 3's ``save_weights("x.weights.h5")``: ``layers/<class>/vars/<index>``,
   with the layer name in the ``name`` attribute of ``vars``.
 
-Tensors are matched by Keras layer name and variable name, and converted from TensorFlow's layouts:
-Conv2D kernels HWIO to OIHW, depthwise kernels (H, W, C, 1) to (C, 1, H, W), Dense kernels (in, out) to
-(out, in), and BatchNorm gamma, beta, moving_mean, moving_variance to weight, bias, running_mean, running_var.
+Tensors are matched by Keras layer name and variable name. Their layouts change from TensorFlow's to
+PyTorch's: Conv2D kernels from HWIO to OIHW, depthwise kernels from (H, W, C, 1) to (C, 1, H, W) and Dense
+kernels from (in, out) to (out, in). BatchNorm's gamma, beta, moving_mean and moving_variance become weight,
+bias, running_mean and running_var.
 
 Xception needs two changes to timm's ``legacy_xception`` before Keras weights give Keras' outputs, and
 :func:`create_model_from_keras_h5` makes them (see :func:`prepare_xception_for_keras`): BatchNorm eps 1e-3
 instead of PyTorch's 1e-5, and TensorFlow "SAME" padding for the four stride-2 max pools. timm pads those
 pools by one pixel on every side, which shifts the pooling windows whenever the input size is even (at 299 px
-in block 3, at 224 px in blocks 4 and 13). NASNet-A Mobile already matches Keras as built.
+in Keras block 3, at 224 px in Keras blocks 4 and 13). NASNet-A Mobile already matches Keras as built.
+
+NOTE: without an ``input_shape``, tf-keras 2.21 builds ``NASNetMobile(include_top=False)`` with 1x1
+projections in place of the factorized reductions (4,267,604 parameters instead of 4,269,716). Files saved
+from such a model raise :class:`KerasWeightsError` here; Keras 3 gives the no-top model a 224 x 224 input.
 """
 
 import logging
@@ -81,7 +86,7 @@ def read_keras_h5(path: Path) -> KerasWeights:
 
     Raises:
         OSError: the file is not an HDF5 file (h5py's error).
-        KerasWeightsError: the file is HDF5 but holds no Keras weights.
+        KerasWeightsError: the file is HDF5 but contains no Keras weights.
     """
     with h5py.File(path, "r") as file:
         if _has_attribute(file, "layer_names"):
@@ -133,8 +138,8 @@ def _read_keras3_layers(layers: h5py.Group) -> KerasWeights:
             continue
         if "name" not in variables_group.attrs:
             raise KerasWeightsError(
-                f"Layer group 'layers/{key}' has no 'name' attribute, so its Keras layer name is unknown "
-                "(written by an older Keras 3). Save the model with model.save('x.h5') instead."
+                f"Layer group 'layers/{key}' has no 'name' attribute, so its Keras layer name is unknown. "
+                "Save the model with model.save('x.h5') instead, which stores every layer name."
             )
         layer_class = re.sub(r"_\d+$", "", key)
         names = KERAS3_VARIABLE_NAMES.get(layer_class, ())
@@ -219,9 +224,11 @@ def _nasnet_mobile_sources(model: NASNetAMobile) -> dict[str, TensorSource]:
 
 
 def _xception_sources(model: nn.Module, weights: KerasWeights) -> dict[str, TensorSource]:
-    # timm's block<N> is Keras' block<N+1>; conv1/conv2 are block1, conv3/conv4 are block14.
+    # timm's block<N> is Keras' block<N+1>. conv1 and conv2 are Keras' block1, conv3 and conv4 its block14.
     sources = _conv("conv1", "block1_conv1") | _batch_norm("bn1", "block1_conv1_bn")
     sources |= _conv("conv2", "block1_conv2") | _batch_norm("bn2", "block1_conv2_bn")
+    if "block1_conv1" not in weights:
+        raise _missing_layer_error("block1_conv1", "conv1.weight", weights)
     residual_convs, residual_norms = _xception_residual_layers(weights)
     for index in range(1, 13):
         block = getattr(model, f"block{index}")
@@ -257,7 +264,7 @@ def _xception_residual_layers(weights: KerasWeights) -> tuple[dict[int, str], di
     for name, variables in weights.items():
         if name.startswith("block"):
             continue
-        if "kernel" in variables and variables["kernel"].ndim == 4:
+        if "kernel" in variables and variables["kernel"].shape[:2] == (1, 1):
             channels, found = variables["kernel"].shape[-1], convs
         elif "moving_mean" in variables:
             channels, found = variables["moving_mean"].shape[0], norms
@@ -276,7 +283,7 @@ def convert_keras_weights(weights: KerasWeights, model: nn.Module, timm_arch: st
     """Convert Keras weights to a state dict for ``model``, a ``timm_arch`` model.
 
     The classifier (Keras' ``predictions`` layer) is converted only when the file has it and its shape
-    fits ``model``'s classifier; otherwise the classifier keys are absent from the result.
+    fits ``model``'s classifier. Otherwise the classifier keys are absent from the result.
 
     Raises:
         KerasWeightsError: a layer or variable is missing, a shape differs, or the file has layers with
@@ -296,7 +303,7 @@ def convert_keras_weights(weights: KerasWeights, model: nn.Module, timm_arch: st
     classifier_name = model.pretrained_cfg.get("classifier", "classifier")
     state_dict = _collect_tensors(weights, sources, expected)
     state_dict |= _classifier_tensors(weights, classifier_name, expected)
-    # PyTorch counts BatchNorm updates; Keras does not store that count.
+    # PyTorch counts BatchNorm updates, but Keras does not store that count.
     for key, value in expected.items():
         if key.endswith("num_batches_tracked"):
             state_dict[key] = torch.zeros_like(value)
@@ -317,14 +324,10 @@ def _collect_tensors(
     state_dict = {}
     for key, (layer, variable, convert) in sources.items():
         if layer not in weights:
-            layers_with_weights = [name for name, variables in weights.items() if variables]
-            raise KerasWeightsError(
-                f"Keras layer {layer!r} (for {key}) is not in the file, whose layers with weights start with "
-                f"{', '.join(layers_with_weights[:5]) or 'nothing'}."
-            )
+            raise _missing_layer_error(layer, key, weights)
         if variable not in weights[layer]:
             raise KerasWeightsError(
-                f"Keras layer {layer!r} has no variable {variable!r}; it has {', '.join(weights[layer])}."
+                f"Keras layer {layer!r} has no variable {variable!r}, only {', '.join(weights[layer])}."
             )
         tensor = convert(torch.from_numpy(np.array(weights[layer][variable], dtype=np.float32))).contiguous()
         if tensor.shape != expected[key].shape:
@@ -334,6 +337,14 @@ def _collect_tensors(
             )
         state_dict[key] = tensor
     return state_dict
+
+
+def _missing_layer_error(layer: str, key: str, weights: KerasWeights) -> KerasWeightsError:
+    layers_with_weights = [name for name, variables in weights.items() if variables]
+    return KerasWeightsError(
+        f"Keras layer {layer!r} (for {key}) is not in the file, whose layers with weights start with "
+        f"{', '.join(layers_with_weights[:5]) or 'nothing'}."
+    )
 
 
 def _classifier_tensors(
@@ -359,8 +370,9 @@ def prepare_xception_for_keras(model: nn.Module) -> None:
     """Change a timm ``legacy_xception`` model in place so that Keras Xception weights give Keras' outputs.
 
     Sets every BatchNorm eps to Keras' 1e-3 and replaces the stride-2 3x3 max pools, which timm pads by one
-    pixel on each side, with TensorFlow "SAME" pools (timm's ``MaxPool2dSame``, padded with -inf). Neither change adds or
-    renames a state dict entry.
+    pixel on each side, with TensorFlow "SAME" pools (timm's ``MaxPool2dSame``, padded with -inf). Neither
+    change adds or renames a state dict entry. BatchNorm momentum stays at PyTorch's 0.1 (Keras: 0.99), which
+    matters only for training.
     """
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -394,9 +406,7 @@ def create_model_from_keras_h5(timm_arch: str, path: Path, **model_kwargs) -> nn
     classifier_name = model.pretrained_cfg.get("classifier", "classifier")
     missing = [key for key in result.missing_keys if not key.startswith(f"{classifier_name}.")]
     if missing or result.unexpected_keys:  # a bug in the mappings above, not a property of the file
-        raise KerasWeightsError(
-            f"Converted weights leave {missing[:5]} missing and {result.unexpected_keys[:5]} unused."
-        )
+        raise RuntimeError(f"Converted weights leave {missing[:5]} missing and {result.unexpected_keys[:5]} unused.")
     if result.missing_keys:
         log.info("%s has no classifier that fits %s, so the classifier keeps random weights", path, timm_arch)
     return model
