@@ -7,12 +7,15 @@ Usage::
 Every ``metrics.json`` under the given folders is one job. Jobs are grouped by backbone, weights,
 preprocessing and pooling, and each group reports the mean and sample standard deviation over its
 seeds. The script writes ``comparison.md`` and ``comparison.png`` (accuracy bars with error bars)
-into ``--out``, which defaults to the first folder.
+into ``--out``, which defaults to the first folder. ``--results FILE`` also replaces the part of FILE
+between the ``<!-- comparison:start -->`` and ``<!-- comparison:end -->`` lines with the new table, and
+copies the chart next to FILE as ``comparison.png``.
 """
 
 import argparse
 import json
 import logging
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,8 @@ PUBLISHED = {
     "vgg16": (0.8990, 0.9058, 0.8990, 0.8985),
 }
 SCORES = ("test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro")
+SECTION_START = "<!-- comparison:start -->"
+SECTION_END = "<!-- comparison:end -->"
 
 
 @dataclass
@@ -163,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="sweep or run folders that contain metrics.json files")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first folder)")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="a Markdown file whose comparison section to replace"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -172,6 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     (out / "comparison.md").write_text(markdown_table(groups))
     plot_accuracy(groups, out / "comparison.png")
     log.info("Wrote %s and %s", out / "comparison.md", out / "comparison.png")
+    if args.results:
+        replace_section(args.results, markdown_table(groups))
+        shutil.copyfile(out / "comparison.png", args.results.parent / "comparison.png")
+        log.info("Updated %s", args.results)
+
+
+def replace_section(path: Path, table: str) -> None:
+    """Replace the lines between the section markers of ``path`` with ``table``."""
+    text = path.read_text()
+    if SECTION_START not in text or SECTION_END not in text:
+        raise SystemExit(f"{path} has no '{SECTION_START}' ... '{SECTION_END}' section to replace.")
+    before, rest = text.split(SECTION_START, 1)
+    _, after = rest.split(SECTION_END, 1)
+    path.write_text(f"{before}{SECTION_START}\n{table}{SECTION_END}{after}")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,25 @@ def test_main_writes_markdown_and_png(sweep: Path, tmp_path: Path) -> None:
 def test_no_metrics_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="No metrics.json found"):
         load_jobs([tmp_path])
+
+
+def test_results_section_is_replaced(sweep: Path, tmp_path: Path) -> None:
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text("# Title\n\n<!-- comparison:start -->\nold table\n<!-- comparison:end -->\n\nLater text.\n")
+
+    main([str(sweep), "--out", str(tmp_path / "report"), "--results", str(results)])
+
+    text = results.read_text()
+    assert "old table" not in text
+    assert text.startswith("# Title\n\n<!-- comparison:start -->\n| backbone |")
+    assert text.endswith("<!-- comparison:end -->\n\nLater text.\n")
+    assert (results.parent / "comparison.png").is_file()
+
+
+def test_results_without_markers_is_an_error(sweep: Path, tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("no markers here\n")
+
+    with pytest.raises(SystemExit, match="no '<!-- comparison:start -->'"):
+        main([str(sweep), "--out", str(tmp_path / "report"), "--results", str(results)])
