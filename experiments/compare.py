@@ -91,7 +91,8 @@ def group_jobs(jobs: list[dict]) -> list[Group]:
         groups.setdefault(key, Group(*key)).jobs.append(job)
     order = {name: index for index, name in enumerate(PUBLISHED)}
     return sorted(
-        groups.values(), key=lambda group: (order.get(group.backbone, len(order)), group.backbone, group.weights)
+        groups.values(),
+        key=lambda group: (order.get(group.backbone, len(order)), group.backbone, group.weights, group.preprocess),
     )
 
 
