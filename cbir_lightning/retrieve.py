@@ -7,7 +7,8 @@ Usage::
 
 The run folder receives ``retrieval.json`` (the query, then each result's rank, path, class and score),
 ``retrieval.png`` (the query and the results as a grid) and ``retrieval.html`` (the same as one
-self-contained page).
+self-contained page). With ``explain=similarity|class|both`` the pictures show each image beside its
+Grad-CAM heat maps, and ``maps/*.npy`` holds the raw maps.
 """
 
 import hashlib
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,11 +27,13 @@ from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.decode import UnusableImageError
 from cbir_lightning.data.folder import ImageRecord
 from cbir_lightning.data.split import SPLIT_NAMES, split_records
+from cbir_lightning.explain.retrieval import EXPLAIN_MODES, explain_retrieval
 from cbir_lightning.models.weights.errors import WeightsUnavailableError
 from cbir_lightning.retrieval.embed import Embedder, build_embedder
 from cbir_lightning.retrieval.index import GalleryIndex
 from cbir_lightning.retrieval.search import SearchResult, build_backend
 from cbir_lightning.utils.paths import default_cache_dir
+from cbir_lightning.visualize.explained import write_explained_html, write_explained_png
 from cbir_lightning.visualize.gallery import GalleryItem, write_gallery_html, write_gallery_png
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,13 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     """Run one query against the gallery and write the outputs; return the contents of ``retrieval.json``."""
     if cfg.index.split not in GALLERY_SPLITS:
         raise ValueError(f"Invalid index.split={cfg.index.split!r}. Choose one of: {', '.join(GALLERY_SPLITS)}.")
+    if cfg.explain not in EXPLAIN_MODES:
+        raise ValueError(f"Invalid explain={cfg.explain!r}. Choose one of: {', '.join(EXPLAIN_MODES)}.")
+    if cfg.explain in ("class", "both") and not cfg.head_checkpoint:
+        raise FileNotFoundError(
+            f"explain={cfg.explain} needs a trained head: train one with python -m cbir_lightning.train "
+            f"backbone={cfg.backbone.name}, then pass head_checkpoint=<its run folder>."
+        )
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
@@ -79,7 +90,10 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
 
     report = _report(cfg, index, rows, query, result)
     (run_dir / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
-    _write_pictures(run_dir, cfg, report)
+    if cfg.explain == "none":
+        _write_pictures(run_dir, cfg, report)
+    else:
+        _write_explained(run_dir, cfg, report, embedder)
     log.info("Query %s: %d results written to %s", query.path, len(report["results"]), run_dir)
     return report
 
@@ -193,6 +207,28 @@ def _write_pictures(run_dir: Path, cfg: DictConfig, report: dict[str, Any]) -> N
         details.append(f"results of the query's class: {report['precision_at_k']:.0%}")
     title = f"Top {len(results)} results for {Path(report['query']['path']).name}"
     write_gallery_html(query, results, run_dir / "retrieval.html", title, details)
+
+
+def _write_explained(run_dir: Path, cfg: DictConfig, report: dict[str, Any], embedder: Embedder) -> None:
+    maps = explain_retrieval(
+        embedder.backbone,
+        embedder.preprocessing,
+        Path(report["query"]["path"]),
+        [Path(item["path"]) for item in report["results"]],
+        cfg.explain,
+        cfg.explain_method,
+        cfg.head_checkpoint,
+        cfg.explain_batch_size,
+    )
+    maps_dir = run_dir / "maps"
+    maps_dir.mkdir(exist_ok=True)
+    for name in ("similarity_results", "similarity_query", "class_maps"):
+        value = getattr(maps, name)
+        if value is not None:
+            np.save(maps_dir / f"{name}.npy", value)
+    title = f"Top {len(report['results'])} results for {Path(report['query']['path']).name}, explained ({cfg.explain})"
+    write_explained_png(report, maps, run_dir / "retrieval.png")
+    write_explained_html(report, maps, run_dir / "retrieval.html", title)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="retrieve")

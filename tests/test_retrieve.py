@@ -3,11 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from cbir_lightning.models.registry import BackboneSpec
 from cbir_lightning.retrieve import retrieve
+from cbir_lightning.train import train
 from tests.conftest import compose_config
 
 
@@ -113,3 +115,52 @@ def test_non_image_query_names_path(overrides: list[str], tmp_path: Path) -> Non
 def test_invalid_split_names_choices(overrides: list[str]) -> None:
     with pytest.raises(ValueError, match="Invalid index.split='holdout'.*train, val, test, all"):
         retrieve(compose_config("retrieve", [*overrides, "index.split=holdout"]))
+
+
+def test_similarity_explanation_writes_maps(overrides: list[str], tmp_path: Path) -> None:
+    report = retrieve(compose_config("retrieve", [*overrides, "explain=similarity", "k=3"]))
+
+    maps_dir = tmp_path / "run" / "maps"
+    results = np.load(maps_dir / "similarity_results.npy")
+    query = np.load(maps_dir / "similarity_query.npy")
+    html = (tmp_path / "run" / "retrieval.html").read_text()
+    assert results.shape == (3, 160, 160)
+    assert query.shape == (3, 160, 160)
+    assert float(results.min()) >= 0.0
+    assert float(results.max()) <= 1.0
+    assert not (maps_dir / "class_maps.npy").exists()
+    assert len(report["results"]) == 3
+    assert html.count('data-view="similarity"') == 4
+    assert html.count('data-view="query region"') == 3
+
+
+def test_class_explanation_needs_head(overrides: list[str]) -> None:
+    with pytest.raises(FileNotFoundError, match="head_checkpoint=<its run folder>"):
+        retrieve(compose_config("retrieve", [*overrides, "explain=class"]))
+
+
+def test_both_explanations_with_trained_head(overrides: list[str], tmp_path: Path, image_folder: Path) -> None:
+    train_overrides = [
+        f"output_dir={tmp_path / 'train'}",
+        f"data.root={image_folder}",
+        "data.show_progress=false",
+        "backbone.name=tiny",
+        "weights.source=none",
+        f"features.cache_dir={tmp_path / 'cache'}",
+        "features.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+    train(compose_config("train", train_overrides))
+
+    retrieve(compose_config("retrieve", [*overrides, "explain=both", f"head_checkpoint={tmp_path / 'train'}", "k=2"]))
+
+    class_maps = np.load(tmp_path / "run" / "maps" / "class_maps.npy")
+    assert class_maps.shape == (3, 160, 160)
+    assert (tmp_path / "run" / "retrieval.png").is_file()
+
+
+def test_invalid_explain_names_choices(overrides: list[str]) -> None:
+    with pytest.raises(ValueError, match="Invalid explain='why'.*similarity"):
+        retrieve(compose_config("retrieve", [*overrides, "explain=why"]))

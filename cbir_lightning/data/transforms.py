@@ -27,6 +27,8 @@ class Preprocessing:
     transform: Callable[[Image.Image], torch.Tensor]
     preprocess_id: str  # changes whenever the transform's output would change
     input_size: tuple[int, int, int]  # (channels, height, width) of the output
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted after scaling pixels to [0, 1]
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # divides after the mean is subtracted
 
 
 def build_preprocessing(model: nn.Module, mode: PreprocessMode = "model") -> Preprocessing:
@@ -56,7 +58,9 @@ def _model_preprocessing(model: nn.Module) -> Preprocessing:
         "std" + ",".join(f"{value:.6g}" for value in config["std"]),
     ]
     log.info("Preprocessing from the model's pretrained configuration: %s", config)
-    return Preprocessing(transform, ":".join(parts), tuple(config["input_size"]))
+    return Preprocessing(
+        transform, ":".join(parts), tuple(config["input_size"]), tuple(config["mean"]), tuple(config["std"])
+    )
 
 
 def _paper_preprocessing() -> Preprocessing:
