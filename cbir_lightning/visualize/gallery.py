@@ -1,7 +1,8 @@
-"""Result galleries: a query image and its ranked results as a PNG grid and as a self-contained HTML page.
+"""Result galleries: a query and its ranked results as a PNG grid and as a self-contained HTML page.
 
 Images are drawn upright (EXIF orientation applied). When classes are known, each result gets a green
-frame if its class matches the query's and a red one if not.
+frame if its class matches the query's and a red one if not. A query without an image, such as a text
+query, is drawn as its label in an empty cell.
 """
 
 import base64
@@ -9,6 +10,7 @@ import html
 import io
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +32,14 @@ MATCH_COLOUR = "#2ca02c"
 MISMATCH_COLOUR = "#d62728"
 QUERY_COLOUR = "#1f77b4"
 THUMBNAIL_SIZE = 256  # longest side, in pixels, of the images embedded in the HTML page
+TEXT_CELL_WIDTH = 28  # characters per line of a text-only cell in the PNG grid
 
 
 @dataclass(frozen=True)
 class GalleryItem:
-    """One image of a gallery: the query (rank 0) or a result."""
+    """One cell of a gallery: the query (rank 0) or a result."""
 
-    path: Path
+    path: Path | None  # None draws ``label`` in an empty cell, for a query that is only text
     rank: int  # 0 for the query, 1 for the best result
     label: str  # the line under the image, e.g. "horses" or the file name
     score_text: str = ""  # e.g. "cos 0.873" or "d 12.4"
@@ -53,7 +56,8 @@ def _frame_colour(item: GalleryItem, query: GalleryItem) -> str:
 
 def _caption(item: GalleryItem) -> str:
     heading = "query" if item.rank == 0 else f"#{item.rank}"
-    parts = [f"{heading}: {item.label}"]
+    # A text-only cell already shows its label inside the cell.
+    parts = [heading if item.path is None else f"{heading}: {item.label}"]
     if item.score_text:
         parts.append(item.score_text)
     return "\n".join(parts)
@@ -67,7 +71,10 @@ def write_gallery_png(query: GalleryItem, results: Sequence[GalleryItem], path: 
     for axes in axes_grid.flat:
         axes.axis("off")
     for axes, item in zip(axes_grid.flat, items, strict=False):
-        axes.imshow(load_rgb_image(item.path))
+        if item.path is None:
+            _draw_text_cell(axes, item.label)
+        else:
+            axes.imshow(load_rgb_image(item.path))
         axes.set_title(_caption(item), fontsize=8, color=_frame_colour(item, query))
         colour = _frame_colour(item, query)
         for spine in axes.spines.values():
@@ -80,6 +87,13 @@ def write_gallery_png(query: GalleryItem, results: Sequence[GalleryItem], path: 
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def _draw_text_cell(axes: plt.Axes, text: str) -> None:
+    wrapped = "\n".join(textwrap.wrap(text, TEXT_CELL_WIDTH)[:8])
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.text(0.5, 0.5, wrapped, ha="center", va="center", fontsize=9, wrap=True)
 
 
 def image_data_uri(path: Path, size: int = THUMBNAIL_SIZE) -> str:
@@ -98,6 +112,9 @@ h1 { font-size: 1.3em; }
 figure { margin: 0; width: 200px; text-align: center; }
 figure img { width: 196px; height: 196px; object-fit: contain; background: #f4f4f4; border: 4px solid #777; }
 figcaption { font-size: 0.85em; margin-top: 4px; word-break: break-all; }
+.text-cell { width: 196px; height: 196px; border: 4px solid #777; background: #f4f4f4; display: flex;
+  align-items: center; justify-content: center; overflow: auto; font-size: 1.05em; padding: 0 6px;
+  box-sizing: border-box; }
 .meta { color: #555; font-size: 0.9em; margin-bottom: 1em; }
 """
 
@@ -106,10 +123,13 @@ def _figure_html(item: GalleryItem, query: GalleryItem) -> str:
     colour = _frame_colour(item, query)
     heading = "query" if item.rank == 0 else f"#{item.rank}"
     score = f"<br>{html.escape(item.score_text)}" if item.score_text else ""
+    if item.path is None:
+        cell = f'<div class="text-cell" style="border-color: {colour}">{html.escape(item.label)}</div>'
+        return f"<figure>{cell}<figcaption><b>{heading}</b>{score}</figcaption></figure>"
+    caption = f"<figcaption><b>{heading}</b>: {html.escape(item.label)}{score}</figcaption>"
     return (
         f'<figure><img src="{image_data_uri(item.path)}" alt="{html.escape(item.path.name)}" '
-        f'style="border-color: {colour}" title="{html.escape(str(item.path))}">'
-        f"<figcaption><b>{heading}</b>: {html.escape(item.label)}{score}</figcaption></figure>"
+        f'style="border-color: {colour}" title="{html.escape(str(item.path))}">{caption}</figure>'
     )
 
 
