@@ -22,13 +22,11 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 
-from cbir_lightning.data.decode import load_rgb_image
 from cbir_lightning.data.folder import ImageRecord
 from cbir_lightning.data.transforms import Preprocessing
+from cbir_lightning.features.inference import check_precision, iterate_features
 from cbir_lightning.models.backbone import FrozenBackbone
-from cbir_lightning.utils.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +46,19 @@ class FeatureKey:
     # The code that turns bytes into features: bump FEATURE_FORMAT_VERSION when decoding or the
     # weight converters change, so that old entries are no longer read.
     code_version: str = field(default_factory=lambda: f"{FEATURE_FORMAT_VERSION}:timm-{timm.__version__}")
+    # Forward-pass precision, "fp32" or "bf16" (bfloat16 autocast), because bf16 changes the features.
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     def digest(self) -> str:
         """Return a short, stable hash of the key."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if self.precision == "fp32":
+            # fp32 keys hash as they did before the precision field existed, so their entries stay valid.
+            del fields["precision"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -61,21 +68,6 @@ class CacheStats:
 
     cached: int = 0  # distinct image contents whose features were read from disk
     computed: int = 0  # distinct image contents that went through the backbone
-
-
-class _ImageDataset(Dataset):
-    def __init__(self, paths: Sequence[Path], preprocessing: Preprocessing, max_pixels: int | None) -> None:
-        self.paths = list(paths)
-        self.preprocessing = preprocessing
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        # NOTE: a file changed on disk since the scan is stored under its old content hash.
-        image = load_rgb_image(self.paths[index], self.max_pixels)
-        return self.preprocessing.transform(image)
 
 
 class FeatureCache:
@@ -99,12 +91,24 @@ class FeatureCache:
         num_workers: int = 0,
         max_pixels: int | None = None,
         show_progress: bool = True,
+        channels_last: bool = True,
+        precision: str | None = None,
     ) -> torch.Tensor:
         """Return the features of ``records`` as a ``(len(records), dim)`` float32 tensor, in record order.
 
         Images missing from the cache go through ``backbone`` once, in batches under
         ``torch.inference_mode()``; records that share a content hash share one computation.
+        ``channels_last`` and ``precision`` are the options of ``iterate_features``. ``precision=None``
+        uses ``self.key.precision``, and any other value must equal it.
+
+        Raises:
+            ValueError: ``precision`` differs from ``self.key.precision``.
         """
+        if precision is not None and precision != self.key.precision:
+            raise ValueError(
+                f"Invalid precision={precision!r} for a feature cache with key precision {self.key.precision!r}. "
+                f"Open the cache with FeatureKey(..., precision={precision!r}) to store {precision} features."
+            )
         self._write_key_file()
         missing = self._missing_entries(records)
         self.stats = CacheStats(cached=len({record.sha256 for record in records}) - len(missing))
@@ -116,7 +120,9 @@ class FeatureCache:
                 self.stats.cached,
                 self.directory,
             )
-            self._compute(missing, backbone, preprocessing, batch_size, num_workers, max_pixels, show_progress)
+            self._compute(
+                missing, backbone, preprocessing, batch_size, num_workers, max_pixels, show_progress, channels_last
+            )
             self.stats.computed = len(missing)
         else:
             log.info("All %d %s features read from the cache %s", len(records), self.key.backbone, self.directory)
@@ -144,20 +150,25 @@ class FeatureCache:
         num_workers: int,
         max_pixels: int | None,
         show_progress: bool,
+        channels_last: bool,
     ) -> None:
         hashes = list(missing)
-        dataset = _ImageDataset(list(missing.values()), preprocessing, max_pixels)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        device = next(backbone.parameters()).device
-        backbone.eval()
+        batches = iterate_features(
+            list(missing.values()),
+            backbone,
+            preprocessing,
+            batch_size,
+            num_workers,
+            max_pixels,
+            channels_last,
+            self.key.precision,
+            progress_description=f"Features ({self.key.backbone})" if show_progress else None,
+        )
         start = 0
-        batches = track(loader, f"Features ({self.key.backbone})", enabled=show_progress)
-        with torch.inference_mode():
-            for images in batches:
-                features = backbone(images.to(device)).float().cpu()
-                for offset, row in enumerate(features):
-                    self._save_entry(hashes[start + offset], row)
-                start += len(features)
+        for features in batches:
+            for offset, row in enumerate(features):
+                self._save_entry(hashes[start + offset], row)
+            start += len(features)
 
     def _save_entry(self, sha256: str, features: torch.Tensor) -> None:
         path = self.entry_path(sha256)
