@@ -8,7 +8,7 @@ Usage::
 The run folder receives ``retrieval.json`` (the query, then each result's rank, path, class and score),
 ``retrieval.png`` (the query and the results as a grid) and ``retrieval.html`` (the same as one
 self-contained page). With ``explain=similarity|class|both`` the pictures show each image beside its
-Grad-CAM heat maps, and ``maps/*.npy`` holds the raw maps.
+Grad-CAM heat maps, and ``maps/*.npy`` contains the raw maps.
 """
 
 import hashlib

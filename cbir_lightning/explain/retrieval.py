@@ -29,9 +29,9 @@ EXPLAIN_MODES = ("none", "class", "similarity", "both")
 
 @dataclass
 class RetrievalMaps:
-    """Maps in [0, 1] at the backbone's input resolution; row 0 of ``images`` is the query."""
+    """Maps in [0, 1] at the backbone's input resolution; row 0 of ``views`` is the query."""
 
-    views: np.ndarray  # (1 + k, H, W, 3) float in [0, 1]: what the backbone sees of each image
+    views: np.ndarray  # (1 + k, H, W, 3) float in [0, 1]: each image as the backbone's input
     similarity_results: np.ndarray | None = None  # (k, H, W): what in each result matches the query
     similarity_query: np.ndarray | None = None  # (k, H, W): what in the query result i matched
     class_maps: np.ndarray | None = None  # (1 + k, H, W): the predicted class of each image
@@ -60,7 +60,7 @@ def explain_retrieval(
     head_checkpoint: str | Path | None = None,
     batch_size: int = 16,
 ) -> RetrievalMaps:
-    """Compute the maps that ``mode`` asks for (``class``, ``similarity`` or ``both``)."""
+    """Compute the maps that ``mode`` requests: ``class``, ``similarity`` or ``both``."""
     if mode not in EXPLAIN_MODES[1:]:
         raise ValueError(f"Invalid explain={mode!r}. Choose one of: {', '.join(EXPLAIN_MODES)}.")
     images = torch.stack([preprocessing.transform(load_rgb_image(path)) for path in [query_path, *result_paths]])
