@@ -24,14 +24,13 @@ from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.folder import scan_image_folder
 from cbir_lightning.evaluation.retrieval_metrics import ranking_metrics, similarity_matrix
 from cbir_lightning.models.heads import MLPHead
-from cbir_lightning.models.weights.errors import WeightsUnavailableError
 from cbir_lightning.retrieval.embed import Embedder, build_embedder
 from cbir_lightning.retrieval.transforms import expanded_query_scores, head_penultimate, pca_whiten
+from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, NotADirectoryError, ValueError)
 OPTIONS = ("raw_euclidean", "cosine", "pca_whiten", "query_expansion", "head_penultimate")
 
 
@@ -146,12 +145,7 @@ def markdown_report(results: dict[str, Any], cutoffs: tuple[int, ...]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_retrieval")
 def main(cfg: DictConfig) -> None:
     """Run :func:`evaluate` from the command line."""
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as error:
-        log.debug("Traceback of the error below", exc_info=error)
-        log.error("%s", error)
-        raise SystemExit(1) from error
+    exit_on_user_error(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

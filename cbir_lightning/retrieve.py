@@ -28,17 +28,16 @@ from cbir_lightning.data.decode import UnusableImageError
 from cbir_lightning.data.folder import ImageRecord
 from cbir_lightning.data.split import SPLIT_NAMES, split_records
 from cbir_lightning.explain.retrieval import EXPLAIN_MODES, explain_retrieval
-from cbir_lightning.models.weights.errors import WeightsUnavailableError
 from cbir_lightning.retrieval.embed import Embedder, build_embedder
 from cbir_lightning.retrieval.index import GalleryIndex
 from cbir_lightning.retrieval.search import SearchResult, build_backend
+from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 from cbir_lightning.visualize.explained import write_explained_html, write_explained_png
 from cbir_lightning.visualize.gallery import GalleryItem, write_gallery_html, write_gallery_png
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, NotADirectoryError, ValueError)
 GALLERY_SPLITS = (*SPLIT_NAMES, "all")
 
 
@@ -234,12 +233,7 @@ def _write_explained(run_dir: Path, cfg: DictConfig, report: dict[str, Any], emb
 @hydra.main(version_base="1.3", config_path="../conf", config_name="retrieve")
 def main(cfg: DictConfig) -> None:
     """Run :func:`retrieve` from the command line."""
-    try:
-        retrieve(cfg)
-    except USER_ERRORS as error:
-        log.debug("Traceback of the error below", exc_info=error)
-        log.error("%s", error)
-        raise SystemExit(1) from error
+    exit_on_user_error(lambda: retrieve(cfg))
 
 
 if __name__ == "__main__":

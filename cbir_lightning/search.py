@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS
-from cbir_lightning.models.weights.errors import WeightsUnavailableError
 from cbir_lightning.retrieval.index import GalleryIndex
 from cbir_lightning.retrieve import GALLERY_SPLITS, _default_index_dir, gallery_rows
 from cbir_lightning.text_search.query import (
@@ -39,6 +38,7 @@ from cbir_lightning.text_search.query import (
     format_query,
     rank_scores,
 )
+from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 from cbir_lightning.visualize.gallery import GalleryItem, write_gallery_html, write_gallery_png
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("concepts", "openclip")
 # UnusableImageError, raised for a query image that cannot be decoded, is a ValueError.
-USER_ERRORS = (WeightsUnavailableError, NotImplementedError, FileNotFoundError, NotADirectoryError, ValueError)
 
 
 def search(cfg: DictConfig) -> dict[str, Any]:
@@ -227,12 +226,7 @@ def _write_pictures(run_dir: Path, report: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="search")
 def main(cfg: DictConfig) -> None:
     """Run :func:`search` from the command line."""
-    try:
-        search(cfg)
-    except USER_ERRORS as error:
-        log.debug("Traceback of the error below", exc_info=error)
-        log.error("%s", error)
-        raise SystemExit(1) from error
+    exit_on_user_error(lambda: search(cfg))
 
 
 if __name__ == "__main__":

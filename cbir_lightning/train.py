@@ -20,7 +20,6 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -39,23 +38,13 @@ from cbir_lightning.features.cache import FeatureCache, FeatureKey
 from cbir_lightning.models.backbone import FrozenBackbone, build_backbone
 from cbir_lightning.models.module import FrozenBackboneClassifier
 from cbir_lightning.models.weights.errors import WeightsUnavailableError
+from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 # pytorch-lightning 2.6 calls a deprecated torch pytree check on every batch; the warning is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
-
-# Errors that come from the configuration or the machine, shown as one clear line; the traceback is logged at
-# DEBUG level (hydra.verbose=true shows it).
-USER_ERRORS = (
-    WeightsUnavailableError,
-    NotImplementedError,
-    FileNotFoundError,
-    NotADirectoryError,
-    ValueError,
-    InstantiationException,
-)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -300,19 +289,18 @@ def main(cfg: DictConfig) -> float | None:
     In a multirun, a job whose backbone or weights cannot be had records that in its ``metrics.json``
     and returns ``None``, so the other jobs carry on. A single run exits with status 1 instead.
     """
+    return exit_on_user_error(lambda: _train_or_record_unavailable(cfg))
+
+
+def _train_or_record_unavailable(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["val_accuracy"]
     except (WeightsUnavailableError, NotImplementedError) as error:
         if not _in_multirun():
-            log.error("%s", error)
-            raise SystemExit(1) from error
+            raise
         record_unavailable(cfg, error)
         log.error("Skipping this job, the sweep goes on: %s", error)
         return None
-    except USER_ERRORS as error:
-        log.debug("Traceback of the error below", exc_info=error)
-        log.error("%s", error)
-        raise SystemExit(1) from error
 
 
 if __name__ == "__main__":
