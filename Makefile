@@ -63,7 +63,7 @@ explain: install ## Query by image with class and similarity heat maps (trains a
 evaluate-retrieval: install ## Leave-one-out retrieval mAP and precision@k on COREL-1K; ARGS="backbone=efficientnet_lite2"
 	$(PYTHON) -m cbir_lightning.evaluate_retrieval $(ARGS)
 
-test: install ## Run every test, including the real-data ones on COREL-1K (about 5 minutes on 2 cores)
+test: install ## Run every test, including the real-data ones on COREL-1K (about 5 minutes on 2 cores once installed)
 	$(PYTHON) -m pytest
 
 test-fast: install ## Run the offline mechanism tests only (no real weights, no COREL-1K)
