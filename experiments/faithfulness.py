@@ -8,8 +8,8 @@ Usage::
 On a class-balanced sample of the COREL-1K test split (``--per-class`` images per class):
 
 - ``class``: the map of the head's predicted class, scored by the softmax confidence of that class.
-- ``similarity``: each test image queries the training split; the map of its nearest training image
-  explains their cosine similarity and is scored by that similarity.
+- ``similarity``: each test image queries the training split. The map of its nearest training image
+  explains the cosine similarity of the pair and is scored by that similarity.
 
 Each map is compared with a seeded random map and a centred Gaussian blob of the same size. Deletion AUC:
 lower is more faithful. Insertion AUC: higher is more faithful.

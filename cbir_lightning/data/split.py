@@ -65,7 +65,7 @@ def split_records(
 def write_split_csv(splits: dict[str, list[ImageRecord]], path: Path) -> None:
     """Write one CSV row per record with the header ``path,class,split``, in ``record_sort_key`` order.
 
-    The path column holds the relative path of the record.
+    The path column contains the relative path of the record.
     """
     rows = [(record, name) for name, split in splits.items() for record in split]
     rows.sort(key=lambda row: record_sort_key(row[0]))

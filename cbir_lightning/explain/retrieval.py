@@ -1,7 +1,7 @@
 """Heat maps for one retrieval: why each result was returned, and what the classifier saw.
 
-``similarity`` maps explain the cosine similarity between the query and each result: on a result, the
-regions that match the query; on the query, the regions that a given result matched. ``class`` maps
+``similarity`` maps explain the cosine similarity between the query and each result. On a result they
+show the regions that match the query, and on the query the regions that a given result matched. ``class`` maps
 explain the trained head's predicted class on every image. Maps are computed on the backbone's input view
 (resized and cropped as the backbone sees it), in batches, with one CAM object per target kind.
 """

@@ -20,7 +20,7 @@ class MLPHead(nn.Module):
         hidden: width of each hidden layer.
         dropout: dropout probability after each hidden layer; one value per hidden layer.
         pool: how the backbone's feature map is turned into the input vector, ``avg`` or ``flatten``.
-            The feature pipeline applies the pooling; the head records it so that a checkpoint says
+            The feature pipeline applies the pooling; the head records it so that a checkpoint states
             which features it expects.
     """
 

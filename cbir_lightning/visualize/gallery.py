@@ -31,7 +31,7 @@ __all__ = ["GalleryItem", "write_gallery_html", "write_gallery_png"]
 MATCH_COLOUR = "#2ca02c"
 MISMATCH_COLOUR = "#d62728"
 QUERY_COLOUR = "#1f77b4"
-THUMBNAIL_SIZE = 256  # longest side, in pixels, of the images embedded in the HTML page
+THUMBNAIL_SIZE = 256  # maximum width and height, in pixels, of the images embedded in the HTML page
 TEXT_CELL_WIDTH = 28  # characters per line of a text-only cell in the PNG grid
 
 
