@@ -192,6 +192,7 @@ def test_build_stores_rows_and_manifest(image_folder: Path, embedder: Embedder, 
     assert manifest["weights_id"] == embedder.key.weights_id
     assert manifest["preprocess_id"] == embedder.key.preprocess_id
     assert manifest["pool"] == "avg"
+    assert manifest["precision"] == "fp32"
     assert manifest["embedding_dim"] == embedder.dim
     assert manifest["count"] == 30
     assert manifest["format_version"] == 1
@@ -437,6 +438,27 @@ def test_other_preprocessing_rejected(built: GalleryIndex, embedder: Embedder, i
 
     assert "backbone=" not in str(error.value)
     assert GalleryIndex.open(built.directory).manifest.version == built.manifest.version
+
+
+def test_other_precision_rejected(built: GalleryIndex, embedder: Embedder, image_folder: Path) -> None:
+    bf16 = Embedder(embedder.backbone, embedder.preprocessing, embedder.cache.directory, precision="bf16")
+
+    with pytest.raises(ValueError, match="precision='fp32' in the index but 'bf16' in the embedder"):
+        GalleryIndex.open(built.directory, bf16)
+    with pytest.raises(ValueError, match="another embedding configuration"):
+        GalleryIndex.build(image_folder, bf16, built.directory, show_progress=False)
+
+
+def test_manifest_without_precision_reads_as_fp32(built: GalleryIndex, embedder: Embedder) -> None:
+    manifest_path = built.directory / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["precision"]
+    manifest_path.write_text(json.dumps(manifest))
+
+    reopened = GalleryIndex.open(built.directory, embedder)
+
+    assert reopened.manifest.precision == "fp32"
+    assert torch.equal(reopened.embeddings, built.embeddings)
 
 
 def test_rebuild_replaces_configuration(built: GalleryIndex, other_embedder: Embedder, image_folder: Path) -> None:

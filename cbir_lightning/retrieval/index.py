@@ -27,7 +27,7 @@ import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +63,7 @@ _EMBEDDINGS_PREFIX = "embeddings-"
 _IMAGES_PREFIX = "images-"
 _TEMPORARY_SUFFIX = ".tmp"
 # The parts of the embedding configuration that must match before two vectors can be compared.
-_KEY_FIELDS = ("backbone", "weights_id", "preprocess_id", "pool")
+_KEY_FIELDS = ("backbone", "weights_id", "preprocess_id", "pool", "precision")
 _OPEN_ATTEMPTS = 3
 
 GalleryLayout = Literal["auto", "classes", "flat"]
@@ -215,6 +215,8 @@ class IndexManifest:
     """Time of the first build, ISO 8601 in UTC."""
     updated_at: str
     """Time of the latest build or update that changed the index, ISO 8601 in UTC."""
+    precision: str = "fp32"
+    """``FeatureKey.precision`` of the vectors. Manifests written before this field existed contain fp32 vectors."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: Path) -> "IndexManifest":
@@ -226,7 +228,8 @@ class IndexManifest:
         if data.get("format") != INDEX_FORMAT:
             raise ValueError(f"{source} is not a gallery index manifest (format is {data.get('format')!r}).")
         names = [item.name for item in fields(cls)]
-        missing = [name for name in names if name not in data]
+        required = [item.name for item in fields(cls) if item.default is MISSING]
+        missing = [name for name in required if name not in data]
         if missing:
             raise ValueError(f"Gallery index manifest {source} is invalid: missing fields {', '.join(missing)}.")
         if not isinstance(data["format_version"], int) or data["format_version"] > INDEX_FORMAT_VERSION:
@@ -234,7 +237,7 @@ class IndexManifest:
                 f"Gallery index {source} has format_version {data['format_version']!r}, but this version of "
                 f"cbir-lightning reads up to {INDEX_FORMAT_VERSION}. Upgrade cbir-lightning or rebuild the index."
             )
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 @dataclass(frozen=True)
@@ -422,7 +425,7 @@ class GalleryIndex:
     def check_embedder(self, embedder: Embedder) -> None:
         """Raise ``ValueError`` unless ``embedder`` computes vectors comparable with the index's vectors.
 
-        Backbone, weights id, preprocessing id and pooling must all match. A different
+        Backbone, weights id, preprocessing id, pooling and precision must all match. A different
         ``FeatureKey.code_version`` (feature format or timm version) only logs a warning.
         """
         expected = {name: getattr(self.manifest, name) for name in _KEY_FIELDS}
@@ -560,6 +563,7 @@ def _write_new_version(
         weights_id=embedder.key.weights_id,
         preprocess_id=embedder.key.preprocess_id,
         pool=embedder.key.pool,
+        precision=embedder.key.precision,
         feature_code_version=embedder.key.code_version,
         embedding_dim=int(embeddings.shape[1]),
         count=len(images),
