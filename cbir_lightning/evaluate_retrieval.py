@@ -21,11 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 from cbir_lightning.data.datamodule import resolve_data_root
+from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS
 from cbir_lightning.data.folder import scan_image_folder
 from cbir_lightning.evaluation.retrieval_metrics import ranking_metrics, similarity_matrix
 from cbir_lightning.models.heads import MLPHead
-from cbir_lightning.retrieval.embed import Embedder, build_embedder
+from cbir_lightning.retrieval.embed import Embedder
 from cbir_lightning.retrieval.transforms import expanded_query_scores, head_penultimate, pca_whiten
+from cbir_lightning.retrieve import embedder_from_config
 from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 
@@ -41,18 +43,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"Invalid options {unknown}. Choose from: {', '.join(OPTIONS)}.")
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    embedder = build_embedder(
-        cfg.backbone.name,
-        cfg.weights.source,
-        cfg.weights.path,
-        cfg.preprocess,
-        Path(cfg.features.cache_dir or default_cache_dir()),
-        init_seed=cfg.weights.init_seed,
-        device=cfg.features.device,
-        batch_size=cfg.features.batch_size,
-        num_workers=cfg.features.num_workers,
-        show_progress=cfg.show_progress,
-    )
+    cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
+    embedder = embedder_from_config(cfg, cache_dir, DEFAULT_MAX_PIXELS, cfg.show_progress)
     head = _load_head(cfg, embedder) if "head_penultimate" in cfg.options else None
     folder = scan_image_folder(resolve_data_root(cfg.data_root), show_progress=cfg.show_progress)
     features = embedder.embed_records(folder.records)
@@ -63,6 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "weights_id": embedder.key.weights_id,
         "random_weights": embedder.key.weights_id.startswith("none:"),
         "preprocess_id": embedder.key.preprocess_id,
+        "precision": embedder.key.precision,
         "data_root": str(folder.root),
         "num_images": len(folder.records),
         "options": {},
@@ -120,7 +113,7 @@ def markdown_report(results: dict[str, Any], cutoffs: tuple[int, ...]) -> str:
     weights = results["weights_id"] + (" (RANDOM weights, mechanism only)" if results["random_weights"] else "")
     lines = [
         f"Leave-one-out retrieval on {results['data_root']} ({results['num_images']} images), "
-        f"backbone {results['backbone']}, weights {weights}.",
+        f"backbone {results['backbone']}, weights {weights}, {results['precision']} features.",
         "",
         "| embedding | mAP | "
         + " | ".join(f"P@{k}" for k in cutoffs)

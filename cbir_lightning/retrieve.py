@@ -65,19 +65,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
-    embedder = build_embedder(
-        cfg.backbone.name,
-        cfg.weights.source,
-        cfg.weights.path,
-        cfg.preprocess,
-        cache_dir,
-        init_seed=cfg.weights.init_seed,
-        device=cfg.features.device,
-        batch_size=cfg.features.batch_size,
-        num_workers=cfg.features.num_workers,
-        max_pixels=cfg.index.max_pixels,
-        show_progress=cfg.index.show_progress,
-    )
+    embedder = embedder_from_config(cfg, cache_dir, cfg.index.max_pixels, cfg.index.show_progress)
     root = resolve_data_root(cfg.index.root).resolve()
     index_dir = Path(cfg.index.dir) if cfg.index.dir else _default_index_dir(cache_dir, root, embedder)
     index = GalleryIndex.build(
@@ -95,6 +83,25 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         _write_explained(run_dir, cfg, report, embedder)
     log.info("Query %s: %d results written to %s", query.path, len(report["results"]), run_dir)
     return report
+
+
+def embedder_from_config(cfg: DictConfig, cache_dir: Path, max_pixels: int | None, show_progress: bool) -> Embedder:
+    """Build the embedder of a command config's ``backbone``, ``weights``, ``preprocess`` and ``features``."""
+    return build_embedder(
+        cfg.backbone.name,
+        cfg.weights.source,
+        cfg.weights.path,
+        cfg.preprocess,
+        cache_dir,
+        init_seed=cfg.weights.init_seed,
+        device=cfg.features.device,
+        batch_size=cfg.features.batch_size,
+        num_workers=cfg.features.num_workers,
+        max_pixels=max_pixels,
+        show_progress=show_progress,
+        channels_last=cfg.features.channels_last,
+        precision=cfg.features.precision,
+    )
 
 
 def _default_index_dir(cache_dir: Path, root: Path, embedder: Embedder) -> Path:
@@ -146,7 +153,8 @@ def _rows_with_content(index: GalleryIndex, row: int) -> tuple[int, ...]:
 
 def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> SearchResult:
     backend_options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
-    backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, **backend_options)
+    # One query: backend=auto stays exact, because building an approximate index would take longer.
+    backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, expected_queries=1, **backend_options)
     position = {row: offset for offset, row in enumerate(rows)}
     excluded = {position[row] for row in query.gallery_rows if row in position} if cfg.exclude_query else set()
     return backend.search(query.vector[None], int(cfg.k), exclude=[excluded])

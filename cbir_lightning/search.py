@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS
 from cbir_lightning.retrieval.index import GalleryIndex
-from cbir_lightning.retrieve import GALLERY_SPLITS, _default_index_dir, gallery_rows
+from cbir_lightning.retrieve import GALLERY_SPLITS, _default_index_dir, embedder_from_config, gallery_rows
 from cbir_lightning.text_search.query import (
     QueryPart,
     TextSearchSpace,
@@ -91,21 +91,17 @@ def build_search_space(cfg: DictConfig, cache_dir: Path) -> TextSearchSpace:
     """
     if cfg.backend == "concepts":
         # Imported here, like the CLIP backend, so that each command run imports only its own backend.
-        from cbir_lightning.text_search.concepts import build_concept_embedder, load_concept_search_space
+        from cbir_lightning.text_search.concepts import load_concept_search_space, load_imagenet_classifier
 
-        embedder, classifier = build_concept_embedder(
+        classifier = load_imagenet_classifier(
             cfg.backbone.name,
             cfg.weights.source,
             cfg.weights.path,
-            cfg.preprocess,
+            cfg.weights.init_seed,
             cache_dir,
-            init_seed=cfg.weights.init_seed,
-            device=cfg.features.device,
-            batch_size=cfg.features.batch_size,
-            num_workers=cfg.features.num_workers,
-            max_pixels=cfg.index.max_pixels,
-            show_progress=cfg.index.show_progress,
+            cfg.features.device,
         )
+        embedder = embedder_from_config(cfg, cache_dir, cfg.index.max_pixels, cfg.index.show_progress)
         return load_concept_search_space(
             embedder,
             classifier,

@@ -47,6 +47,16 @@ def test_colour_classes_retrieve_well(overrides: list[str]) -> None:
     assert results["options"]["cosine"]["P@5"] > 0.6
 
 
+def test_bf16_precision_is_recorded(overrides: list[str], tmp_path: Path) -> None:
+    options = [*overrides, "features.precision=bf16", "options=[cosine]"]
+    results = evaluate(compose_config("evaluate_retrieval", options))
+
+    table = (tmp_path / "evaluation" / "retrieval_metrics.md").read_text()
+    assert results["precision"] == "bf16"
+    assert "bf16 features" in table
+    assert results["options"]["cosine"]["P@5"] > 0.6
+
+
 def test_head_penultimate_from_train_run(overrides: list[str], tmp_path: Path, image_folder: Path) -> None:
     train_overrides = [
         f"output_dir={tmp_path / 'run'}",

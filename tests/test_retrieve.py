@@ -97,6 +97,13 @@ def test_second_run_reuses_index(overrides: list[str], tmp_path: Path, caplog: p
     assert "is up to date" in caplog.text
 
 
+def test_bf16_features_refused_by_fp32_index(overrides: list[str]) -> None:
+    retrieve(compose_config("retrieve", overrides))
+
+    with pytest.raises(ValueError, match="precision='fp32' in the index but 'bf16'.*another index_dir"):
+        retrieve(compose_config("retrieve", [*overrides, "features.precision=bf16"]))
+
+
 def test_missing_query_names_path(overrides: list[str], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.jpg"
 
