@@ -286,6 +286,18 @@ def test_auto_picks_faiss_hnsw_above_threshold(monkeypatch: pytest.MonkeyPatch) 
     assert backend.index_type == "hnsw"
 
 
+def test_auto_stays_exact_for_few_queries(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(search, "EXACT_MAX_VECTORS", 10)
+    gallery = random_vectors(30, 4, seed=19)
+
+    few = build_backend(gallery, "auto", expected_queries=search.APPROXIMATE_MIN_QUERIES - 1)
+    many = build_backend(gallery, "auto", expected_queries=search.APPROXIMATE_MIN_QUERIES)
+
+    assert isinstance(few, ExactBackend)
+    assert many.name == "faiss"
+
+
 def test_auto_without_faiss_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(search, "EXACT_MAX_VECTORS", 10)
     # A None entry in sys.modules makes `import faiss` raise ImportError.

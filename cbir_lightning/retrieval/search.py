@@ -20,7 +20,8 @@ Backends:
   returns.
 
 ``build_backend(vectors, "auto")`` uses ``exact`` up to ``EXACT_MAX_VECTORS`` gallery vectors and faiss
-HNSW above that.
+HNSW above that, unless the caller expects fewer than ``APPROXIMATE_MIN_QUERIES`` queries: building an
+HNSW graph costs as much as hundreds of exact queries.
 """
 
 import importlib
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "APPROXIMATE_MIN_QUERIES",
     "BACKEND_NAMES",
     "EXACT_MAX_VECTORS",
     "FAISS_INDEX_TYPES",
@@ -59,6 +61,10 @@ FAISS_INDEX_TYPES: tuple[str, ...] = ("flat", "ivf", "hnsw")
 # vectors of 1280 floats reads 1 GB of gallery memory, which is where approximate search starts to pay.
 # NOTE: the threshold is an estimate, not a measured crossover.
 EXACT_MAX_VECTORS = 200_000
+# Queries below which build_backend(name="auto") stays exact at any gallery size. On 2 CPU cores and
+# 1024-d vectors the HNSW build (M=32) cost as much as 530 exact queries at 100k vectors (12.5 s against
+# 23.7 ms) and 850 at 1M (213 s against 249 ms), so for fewer queries exact search finishes sooner.
+APPROXIMATE_MIN_QUERIES = 500
 # Score-matrix elements per query chunk of the exact backend: 2**24 float32 scores are 64 MiB, and the
 # tie-breaking masks take about as much again.
 EXACT_CHUNK_ELEMENTS = 2**24
@@ -209,7 +215,9 @@ class ExactBackend(SearchBackend):
     def _add(self, matrix: torch.Tensor) -> None:
         matrix = matrix.to(self.device)
         self._gallery = matrix if len(self._gallery) == 0 else torch.cat([self._gallery, matrix])
-        self._squared_norms = self._gallery.square().sum(dim=1)
+        if not self.higher_is_better:
+            # A norm reduction, unlike square().sum(), makes no temporary copy of the whole gallery.
+            self._squared_norms = torch.linalg.vector_norm(self._gallery, dim=1).square_()
 
     def _search(self, queries: torch.Tensor, k: int, excluded: list[set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         chunk_size = self.chunk_size or max(1, EXACT_CHUNK_ELEMENTS // len(self))
@@ -269,7 +277,8 @@ class FaissBackend(SearchBackend):
         nprobe: IVF only, lists visited per query (default 8). Higher is slower and finds more. A query that
             finds fewer than ``k`` entries is searched again with every list visited.
         hnsw_m: HNSW only, neighbours per graph node (default 32).
-        ef_search: HNSW only, candidate list size while searching (default 64, raised to ``k`` when lower).
+        ef_search: HNSW only, candidate list size while searching (default 128, raised to ``k`` when lower).
+            On 1M synthetic clustered 1024-d vectors, recall@12 was 0.947 at 64 and 0.971 at 128.
             A query that finds fewer than ``k`` entries is searched again with a list as large as the gallery.
         ef_construction: HNSW only, candidate list size while adding (default 40).
 
@@ -306,7 +315,7 @@ class FaissBackend(SearchBackend):
         self.nlist = nlist
         self.nprobe = nprobe if nprobe is not None else 8
         self.hnsw_m = hnsw_m if hnsw_m is not None else 32
-        self.ef_search = ef_search if ef_search is not None else 64
+        self.ef_search = ef_search if ef_search is not None else 128
         self.ef_construction = ef_construction if ef_construction is not None else 40
         self._index: Any = None
 
@@ -470,15 +479,25 @@ def create_backend(name: str, metric: Metric = "cosine", **options: Any) -> Sear
 
 
 def build_backend(
-    vectors: torch.Tensor | np.ndarray, name: str = "auto", metric: Metric = "cosine", **options: Any
+    vectors: torch.Tensor | np.ndarray,
+    name: str = "auto",
+    metric: Metric = "cosine",
+    expected_queries: int | None = None,
+    **options: Any,
 ) -> SearchBackend:
     """Create a backend and add the ``(N, D)`` gallery ``vectors`` to it.
 
     ``auto`` uses ``exact`` up to ``EXACT_MAX_VECTORS`` vectors and faiss HNSW above that, or ``exact``
-    with a warning when faiss is not installed. Options go to the chosen backend, as in ``create_backend``.
+    with a warning when faiss is not installed. ``expected_queries`` below ``APPROXIMATE_MIN_QUERIES``
+    keeps ``auto`` exact at any size; ``None`` means many. Options go to the chosen backend, as in
+    ``create_backend``.
     """
     if name == "auto":
-        name = _choose_backend(len(vectors))
+        if expected_queries is not None and expected_queries < APPROXIMATE_MIN_QUERIES:
+            log.debug("%d expected queries: exact search, which needs no index build", expected_queries)
+            name = "exact"
+        else:
+            name = _choose_backend(len(vectors))
         if name == "faiss":
             options = {"index_type": "hnsw", **options}
     backend = create_backend(name, metric, **options)
