@@ -383,6 +383,16 @@ def test_non_finite_vectors_rejected() -> None:
         build_backend(gallery, "exact")
 
 
+@pytest.mark.parametrize("bad_row", [0, 4, 9])
+def test_infinity_found_in_any_block(monkeypatch: pytest.MonkeyPatch, bad_row: int) -> None:
+    monkeypatch.setattr(search, "FINITE_CHECK_ROWS", 4)
+    gallery = random_vectors(10, 4, seed=27)
+    gallery[bad_row, 3] = -np.inf
+
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        build_backend(gallery, "exact")
+
+
 def test_exclude_errors() -> None:
     backend = build_backend(random_vectors(5, 4, seed=28), "exact")
     queries = random_vectors(2, 4, seed=29)

@@ -68,6 +68,8 @@ APPROXIMATE_MIN_QUERIES = 500
 # Score-matrix elements per query chunk of the exact backend: 2**24 float32 scores are 64 MiB, and the
 # tie-breaking masks take about as much again.
 EXACT_CHUNK_ELEMENTS = 2**24
+# Rows per block of the NaN and infinity check: 65,536 rows of 1024 floats make 256 MiB blocks.
+FINITE_CHECK_ROWS = 65_536
 FAISS_INSTALL_HINT = "pip install faiss-cpu  (or: pip install 'cbir-lightning[retrieval]')"
 
 Exclusions = Sequence[Iterable[int]] | None
@@ -171,7 +173,7 @@ class SearchBackend(ABC):
                 f"Invalid {description}: dimension {matrix.shape[1]} does not match the gallery dimension {self.dim}. "
                 "Embed queries and gallery with the same backbone, weights and preprocessing."
             )
-        if not torch.isfinite(matrix).all():
+        if not _all_finite(matrix):
             raise ValueError(f"Invalid {description}: the matrix contains NaN or infinite values.")
         if self.metric == "cosine":
             matrix = F.normalize(matrix, dim=1)
@@ -408,6 +410,15 @@ def _clean_faiss_row(
     # np.lexsort sorts by the last key first.
     order = np.lexsort((indices, primary))
     return scores[order].astype(np.float32), indices[order]
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    """Return whether every value is finite, checking row blocks to bound the temporaries.
+
+    ``torch.isfinite`` on the whole matrix allocates about 1.7 times its size (an absolute-value copy and
+    boolean masks), which is 7 GiB for 1M 1024-d float32 vectors.
+    """
+    return all(bool(torch.isfinite(block).all()) for block in matrix.split(FINITE_CHECK_ROWS))
 
 
 def _check_faiss_options(index_type: str, options: dict[str, int | None]) -> None:
