@@ -383,6 +383,48 @@ def test_non_finite_vectors_rejected() -> None:
         build_backend(gallery, "exact")
 
 
+def test_euclidean_near_duplicate_of_large_vectors() -> None:
+    # ReLU-like vectors of norm about 50, as CNN features have, where |q|^2 + |g|^2 - 2 q.g cancels in float32.
+    rng = np.random.default_rng(30)
+    gallery = np.abs(rng.normal(1.0, 1.0, size=(200, 1280))).astype(np.float32)
+    near_copy = gallery[0] + np.float32(1e-4)
+    gallery = np.vstack([gallery, near_copy[None]])
+    query = gallery[:1]
+    true_distance = float(np.linalg.norm(near_copy.astype(np.float64) - gallery[0].astype(np.float64)))
+
+    result = build_backend(gallery, "exact", "euclidean").search(query, 3)
+
+    assert result.indices[0, :2].tolist() == [0, 200]
+    assert result.scores[0, 0].item() == 0.0
+    assert result.scores[0, 1].item() == pytest.approx(true_distance, rel=1e-3)
+
+
+def test_euclidean_ties_and_exclusions_beyond_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "EUCLIDEAN_EXTRA_CANDIDATES", 1)
+    gallery = np.zeros((8, 3), dtype=np.float32)
+    gallery[5:] = 10.0
+
+    result = build_backend(gallery, "exact", "euclidean").search(np.zeros((1, 3)), 4, exclude=[[0, 2]])
+
+    assert result.indices[0].tolist() == [1, 3, 4, 5]
+    assert result.scores[0].tolist()[:3] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("exact", {"index_type": "hnsw"}, r"\['index_type'\] for search backend 'exact'.*backend=faiss"),
+        ("faiss", {"chunk_size": 4}, r"\['chunk_size'\] for search backend 'faiss'.*backend=exact"),
+        ("faiss", {"colour": 1}, r"\['colour'\] for search backend 'faiss', which takes: index_type"),
+    ],
+)
+def test_wrong_backend_options_named(name: str, options: dict[str, object], message: str) -> None:
+    pytest.importorskip("faiss")
+
+    with pytest.raises(ValueError, match=message):
+        build_backend(random_vectors(5, 4, seed=31), name, **options)
+
+
 @pytest.mark.parametrize("bad_row", [0, 4, 9])
 def test_infinity_found_in_any_block(monkeypatch: pytest.MonkeyPatch, bad_row: int) -> None:
     monkeypatch.setattr(search, "FINITE_CHECK_ROWS", 4)

@@ -56,18 +56,25 @@ Metric = Literal["cosine", "euclidean"]
 METRICS: tuple[str, ...] = ("cosine", "euclidean")
 BACKEND_NAMES: tuple[str, ...] = ("auto", "exact", "faiss")
 FAISS_INDEX_TYPES: tuple[str, ...] = ("flat", "ivf", "hnsw")
+# Keyword options that create_backend accepts for each backend.
+BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "exact": ("chunk_size", "device"),
+    "faiss": ("index_type", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"),
+}
 
 # Gallery size up to which build_backend(name="auto") searches exactly with torch. A query against 200k
 # vectors of 1280 floats reads 1 GB of gallery memory, which is where approximate search starts to pay.
 # NOTE: the threshold is an estimate, not a measured crossover.
 EXACT_MAX_VECTORS = 200_000
 # Queries below which build_backend(name="auto") stays exact at any gallery size. On 2 CPU cores and
-# 1024-d vectors the HNSW build (M=32) cost as much as 530 exact queries at 100k vectors (12.5 s against
-# 23.7 ms) and 850 at 1M (213 s against 249 ms), so for fewer queries exact search finishes sooner.
+# 1024-d vectors the HNSW build (M=32) cost as much as 510 exact queries at 100k vectors (13.3 s against
+# 26.0 ms) and 850 at 1M (206 s against 241 ms), so for fewer queries exact search finishes sooner.
 APPROXIMATE_MIN_QUERIES = 500
 # Score-matrix elements per query chunk of the exact backend: 2**24 float32 scores are 64 MiB, and the
-# tie-breaking masks take about as much again.
+# tie-breaking masks and int32 ranks add about 110 MiB.
 EXACT_CHUNK_ELEMENTS = 2**24
+# Candidates beyond k whose euclidean distances the exact backend computes again without cancellation.
+EUCLIDEAN_EXTRA_CANDIDATES = 64
 # Rows per block of the NaN and infinity check: 65,536 rows of 1024 floats make 256 MiB blocks.
 FINITE_CHECK_ROWS = 65_536
 FAISS_INSTALL_HINT = "pip install faiss-cpu  (or: pip install 'cbir-lightning[retrieval]')"
@@ -226,24 +233,49 @@ class ExactBackend(SearchBackend):
         all_scores, all_indices = [], []
         for start in range(0, len(queries), chunk_size):
             chunk = queries[start : start + chunk_size].to(self.device)
-            # Work in "larger is better" keys: similarities as they are, distances negated.
-            keys = self._similarities(chunk) if self.higher_is_better else -self._distances(chunk)
+            # Work in "larger is better" keys: similarities as they are, squared distances negated.
+            keys = chunk @ self._gallery.T if self.higher_is_better else -self._squared_distances(chunk)
             for row, rows_to_drop in enumerate(excluded[start : start + chunk_size]):
                 if rows_to_drop:
                     keys[row, list(rows_to_drop)] = -math.inf
-            top_keys, top_indices = _top_k_lowest_index_first(keys, k)
-            scores = top_keys if self.higher_is_better else -top_keys
+            if self.higher_is_better:
+                scores, indices = _top_k_lowest_index_first(keys, k)
+            else:
+                scores, indices = self._nearest_by_exact_distance(chunk, keys, k)
             all_scores.append(scores.cpu())
-            all_indices.append(top_indices.cpu())
+            all_indices.append(indices.cpu())
         return torch.cat(all_scores), torch.cat(all_indices)
 
-    def _similarities(self, queries: torch.Tensor) -> torch.Tensor:
-        return queries @ self._gallery.T
+    def _squared_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g, one matrix product. In float32 it loses the small distances
+        # of large vectors to cancellation, so it only preselects candidates.
+        return queries.square().sum(dim=1, keepdim=True) + self._squared_norms - 2 * (queries @ self._gallery.T)
 
-    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
-        # |q - g|^2 = |q|^2 + |g|^2 - 2 q.g, one matrix product. Rounding can make it slightly negative.
-        squared = queries.square().sum(dim=1, keepdim=True) + self._squared_norms - 2 * (queries @ self._gallery.T)
-        return squared.clamp_(min=0).sqrt_()
+    def _nearest_by_exact_distance(
+        self, queries: torch.Tensor, keys: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the distances and indices of the ``k`` nearest gallery rows, ties by ascending index.
+
+        The ``k + EUCLIDEAN_EXTRA_CANDIDATES`` best ``keys`` (negated squared distances from
+        ``_squared_distances``) are candidates, and their distances are computed again from the vector
+        differences, which have no cancellation.
+        NOTE: a true neighbour is missed only when more than ``EUCLIDEAN_EXTRA_CANDIDATES`` others lie
+        within the rounding error of the k-th squared distance.
+        """
+        count = min(keys.shape[1], k + EUCLIDEAN_EXTRA_CANDIDATES)
+        candidate_keys, candidates = _top_k_lowest_index_first(keys, count)
+        distances = torch.empty(candidates.shape, dtype=self._gallery.dtype, device=self._gallery.device)
+        rows_per_block = max(1, EXACT_CHUNK_ELEMENTS // (count * self._gallery.shape[1]))
+        for start in range(0, len(queries), rows_per_block):
+            block = slice(start, start + rows_per_block)
+            differences = queries[block, None, :] - self._gallery[candidates[block]]
+            distances[block] = torch.linalg.vector_norm(differences, dim=2)
+        distances[candidate_keys == -math.inf] = math.inf
+        # Sort the candidates by index, then stably by distance, so that equal distances keep index order.
+        candidates, by_index = candidates.sort(dim=1)
+        distances = distances.gather(1, by_index)
+        order = torch.sort(distances, dim=1, stable=True).indices[:, :k]
+        return distances.gather(1, order), candidates.gather(1, order)
 
 
 def _top_k_lowest_index_first(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +289,7 @@ def _top_k_lowest_index_first(keys: torch.Tensor, k: int) -> tuple[torch.Tensor,
     above = keys > threshold
     at_threshold = keys == threshold
     places_left = k - above.sum(dim=1, keepdim=True)
-    rank_among_ties = at_threshold.cumsum(dim=1)
+    rank_among_ties = at_threshold.cumsum(dim=1, dtype=torch.int32)
     chosen = above | (at_threshold & (rank_among_ties <= places_left))
     # Exactly k entries per row are chosen, and nonzero lists them row by row in ascending column order.
     indices = chosen.nonzero()[:, 1].reshape(len(keys), k)
@@ -473,10 +505,12 @@ def create_backend(name: str, metric: Metric = "cosine", **options: Any) -> Sear
     so it is only accepted by ``build_backend``.
 
     Raises:
-        ValueError: unknown backend name or metric, or ``name="auto"``.
-        TypeError: an option that the backend does not take.
+        ValueError: unknown backend name or metric, ``name="auto"``, or an option that the backend does not
+            take.
         ImportError: ``faiss`` requested but not installed.
     """
+    if name in BACKEND_OPTIONS:
+        _check_backend_options(name, options)
     if name == "exact":
         return ExactBackend(metric, **options)
     if name == "faiss":
@@ -487,6 +521,17 @@ def create_backend(name: str, metric: Metric = "cosine", **options: Any) -> Sear
             "instead of create_backend."
         )
     raise ValueError(f"Invalid search backend {name!r}. Choose one of: {', '.join(BACKEND_NAMES)}.")
+
+
+def _check_backend_options(name: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS[name]))
+    if not unknown:
+        return
+    owners = [other for other, accepted in BACKEND_OPTIONS.items() if set(unknown) <= set(accepted)]
+    hint = f" They are options of backend={owners[0]}." if owners else ""
+    raise ValueError(
+        f"Invalid options {unknown} for search backend {name!r}, which takes: {', '.join(BACKEND_OPTIONS[name])}.{hint}"
+    )
 
 
 def build_backend(
