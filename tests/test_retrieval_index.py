@@ -426,7 +426,8 @@ def test_other_weights_rejected(built: GalleryIndex, other_embedder: Embedder, i
             action()
         assert repr(old) in str(error.value)
         assert repr(new) in str(error.value)
-        assert "another index_dir" in str(error.value)
+        assert "index.dir=" in str(error.value)
+        assert "index.rebuild=true" in str(error.value)
         assert "rebuild=True" in str(error.value)
 
 
@@ -551,6 +552,47 @@ def test_killed_build_leaves_old_index(pause_at: str, image_folder: Path, tmp_pa
     assert torch.equal(reopened.embeddings, old.embeddings)
     assert "cats/3.jpg" in reopened.relpaths
     assert "owls/new.jpg" not in reopened.relpaths
+
+
+def test_build_keeps_other_files(built: GalleryIndex, embedder: Embedder, image_folder: Path) -> None:
+    others = ["images-of-my-cat.jpg", "embeddings-notes.txt", "draft.tmp", "keep.txt"]
+    for name in others:
+        (built.directory / name).write_text("not the index's")
+    write_image(image_folder / "dogs" / "extra.jpg", (30, 220, 30), seed=400)
+
+    updated = GalleryIndex.build(image_folder, embedder, built.directory, show_progress=False)
+
+    assert updated.manifest.version != built.manifest.version
+    for name in others:
+        assert (built.directory / name).read_text() == "not the index's"
+
+
+def test_folder_with_other_files_rejected(image_folder: Path, embedder: Embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "images-of-my-cat.jpg").write_bytes(b"a photo")
+
+    with pytest.raises(ValueError, match="contains no gallery index but 1 other entries.*images-of-my-cat.jpg"):
+        GalleryIndex.build(image_folder, embedder, folder, show_progress=False)
+
+    assert sorted(path.name for path in folder.iterdir()) == ["images-of-my-cat.jpg"]
+
+
+def test_index_inside_gallery_rejected(image_folder: Path, embedder: Embedder) -> None:
+    with pytest.raises(ValueError, match="inside the gallery folder"):
+        GalleryIndex.build(image_folder, embedder, image_folder / "index", show_progress=False)
+    with pytest.raises(ValueError, match="inside the gallery folder"):
+        GalleryIndex.build(image_folder, embedder, image_folder, show_progress=False)
+
+    assert not (image_folder / "index").exists()
+
+
+def test_hidden_index_inside_gallery(image_folder: Path, embedder: Embedder) -> None:
+    first = GalleryIndex.build(image_folder, embedder, image_folder / ".index", show_progress=False)
+    second = GalleryIndex.build(image_folder, embedder, image_folder / ".index", show_progress=False)
+
+    assert len(first) == 30
+    assert second.manifest.version == first.manifest.version
 
 
 def test_build_after_kill_removes_leftovers(image_folder: Path, tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ Layout of an index folder::
 A build writes the data files of a new version under new names, then replaces ``manifest.json`` with
 ``os.replace``, which is atomic. Until that rename, ``manifest.json`` still names the previous data files,
 which stay on disk, so a build that crashes or is killed leaves the previous index readable. Each build
-deletes the data files that its manifest does not name, including those left by an interrupted build.
+deletes the data files that its manifest does not name, including those left by an interrupted build,
+and touches no file whose name it did not write. A build refuses a folder inside the gallery (unless its
+name starts with ".") and a folder that contains other files but no index.
 
 Updates are incremental by content: an image whose SHA-256 is already in the index keeps its vector,
 whatever its path, so renamed and duplicated files need no backbone pass. Only new contents go to the
@@ -23,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 from collections.abc import Iterator
@@ -62,9 +65,19 @@ LOCK_FILE = ".lock"
 _EMBEDDINGS_PREFIX = "embeddings-"
 _IMAGES_PREFIX = "images-"
 _TEMPORARY_SUFFIX = ".tmp"
+_MANIFEST_TEMPORARY_PREFIX = "manifest-"
 # The parts of the embedding configuration that must match before two vectors can be compared.
 _KEY_FIELDS = ("backbone", "weights_id", "preprocess_id", "pool", "precision")
 _OPEN_ATTEMPTS = 3
+# Names of the files that a build writes, and so may delete: data files of a version (12 hex digits) and
+# the temporary manifest. Anything else in the folder is left alone.
+_INDEX_FILE_PATTERN = re.compile(
+    rf"({_EMBEDDINGS_PREFIX}[0-9a-f]{{12}}\.safetensors|{_IMAGES_PREFIX}[0-9a-f]{{12}}\.json|"
+    rf"{_MANIFEST_TEMPORARY_PREFIX}\w+{re.escape(_TEMPORARY_SUFFIX)})"
+)
+REBUILD_HINT = (
+    "Rebuild the index with index.rebuild=true on the command line, or GalleryIndex.build(..., rebuild=True)."
+)
 
 GalleryLayout = Literal["auto", "classes", "flat"]
 GALLERY_LAYOUTS: tuple[str, ...] = ("auto", "classes", "flat")
@@ -207,7 +220,7 @@ class IndexManifest:
     layout: str
     class_names: list[str] | None
     next_id: int
-    """Id for the next new image. Ids of removed images are never given out again."""
+    """Id for the next new image. Ids of removed images are not given out again until a rebuild."""
     version: str
     embeddings_file: str
     images_file: str
@@ -374,11 +387,13 @@ class GalleryIndex:
         usable.
 
         Raises:
-            ValueError: the existing index was built with another backbone, weights, preprocessing or
-                pooling than ``embedder`` (and ``rebuild`` is False), or the folder has no usable image.
+            ValueError: the existing index was built with another backbone, weights, preprocessing,
+                pooling or precision than ``embedder`` (and ``rebuild`` is False), the folder has no usable
+                image, or ``index_dir`` is inside ``root`` or contains files that are not an index's.
             RuntimeError: another process is writing the same index.
         """
         directory = Path(index_dir).expanduser()
+        _check_index_location(directory, Path(root).expanduser())
         directory.mkdir(parents=True, exist_ok=True)
         with _write_lock(directory):
             previous = None
@@ -439,16 +454,17 @@ class GalleryIndex:
             raise ValueError(
                 f"Gallery index {self.directory} was built with another embedding configuration: "
                 f"{'; '.join(differences)}. Vectors of different configurations cannot be compared. "
-                "Build the index into another index_dir, or pass rebuild=True to GalleryIndex.build to "
-                "replace this one."
+                "Build into another folder (index.dir=<folder> on the command line, index_dir in GalleryIndex.build) "
+                f"to keep this index, or replace it. {REBUILD_HINT}"
             )
         if embedder.key.code_version != self.manifest.feature_code_version:
             log.warning(
                 "Gallery index %s has features of code version %s, but the embedder computes %s. "
-                "Pass rebuild=True to GalleryIndex.build if the features differ between the two.",
+                "If the features differ between the two: %s",
                 self.directory,
                 self.manifest.feature_code_version,
                 embedder.key.code_version,
+                REBUILD_HINT,
             )
 
     def create_search_backend(self, name: str = "auto", metric: Metric = "cosine", **options: Any) -> SearchBackend:
@@ -472,7 +488,7 @@ def _load_index(directory: Path) -> GalleryIndex:
                 continue
             raise ValueError(
                 f"Gallery index {directory} is corrupt: {error.filename} is missing but {MANIFEST_FILE} names "
-                "it. Rebuild the index with GalleryIndex.build(..., rebuild=True)."
+                f"it. {REBUILD_HINT}"
             ) from error
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -495,8 +511,7 @@ def _load_version(directory: Path, manifest: IndexManifest) -> GalleryIndex:
         columns = json.loads(images_path.read_text(encoding="utf-8"))
     except (SafetensorError, json.JSONDecodeError) as error:
         raise ValueError(
-            f"Gallery index {directory} is corrupt: cannot read its data files ({error}). "
-            "Rebuild the index with GalleryIndex.build(..., rebuild=True)."
+            f"Gallery index {directory} is corrupt: cannot read its data files ({error}). {REBUILD_HINT}"
         ) from error
     if not isinstance(columns, dict):
         columns = {}
@@ -506,14 +521,14 @@ def _load_version(directory: Path, manifest: IndexManifest) -> GalleryIndex:
         found = "no 'embeddings' tensor" if embeddings is None else f"{embeddings.dtype} {tuple(embeddings.shape)}"
         raise ValueError(
             f"Gallery index {directory} is corrupt: {embeddings_path.name} contains {found}, expected "
-            f"float32 {expected_shape}. Rebuild the index with GalleryIndex.build(..., rebuild=True)."
+            f"float32 {expected_shape}. {REBUILD_HINT}"
         )
     column_names = ("ids", "relpaths", "sha256", "labels")
     lengths = {name: len(columns.get(name, ())) for name in column_names}
     if any(length != manifest.count for length in lengths.values()):
         raise ValueError(
             f"Gallery index {directory} is corrupt: {images_path.name} has column lengths {lengths}, expected "
-            f"{manifest.count} each. Rebuild the index with GalleryIndex.build(..., rebuild=True)."
+            f"{manifest.count} each. {REBUILD_HINT}"
         )
     images = [
         IndexedImage(id=image_id, relpath=relpath, sha256=digest, label=label)
@@ -671,18 +686,43 @@ def _same_content(previous: GalleryIndex, scan: GalleryScan, images: list[Indexe
     )
 
 
+def _check_index_location(directory: Path, root: Path) -> None:
+    """Raise ``ValueError`` unless ``directory`` can hold an index of the gallery ``root``.
+
+    A folder inside ``root`` would be scanned as part of the gallery, so it is allowed only under a name
+    that starts with ``"."``. A folder without ``manifest.json`` may contain only files that a build
+    writes. Together these keep a build from deleting or indexing the user's files.
+    """
+    resolved, gallery = directory.resolve(), root.resolve()
+    if resolved == gallery or resolved.is_relative_to(gallery):
+        inside = resolved.relative_to(gallery).parts
+        if not inside or not any(part.startswith(".") for part in inside):
+            raise ValueError(
+                f"Invalid index folder {directory}: it is inside the gallery folder {root}, which would index it "
+                "as images. Choose a folder outside the gallery, or one whose name starts with '.'."
+            )
+    if not directory.is_dir() or (directory / MANIFEST_FILE).exists():
+        return
+    names = [path.name for path in directory.iterdir() if path.name != LOCK_FILE]
+    foreign = sorted(name for name in names if not _INDEX_FILE_PATTERN.fullmatch(name))
+    if foreign:
+        raise ValueError(
+            f"Invalid index folder {directory}: it contains no gallery index but {len(foreign)} other entries "
+            f"(such as {foreign[0]!r}). Choose an empty or new folder for the index."
+        )
+
+
 def _delete_unreferenced_files(directory: Path, manifest: IndexManifest) -> None:
     """Delete data files of other versions and temporary files, such as those of an interrupted build."""
     keep = {manifest.embeddings_file, manifest.images_file}
     for path in directory.iterdir():
-        is_data_file = path.name.startswith((_EMBEDDINGS_PREFIX, _IMAGES_PREFIX))
-        if (is_data_file or path.name.endswith(_TEMPORARY_SUFFIX)) and path.name not in keep:
+        if _INDEX_FILE_PATTERN.fullmatch(path.name) and path.name not in keep:
             log.debug("Deleting %s, which the manifest of %s does not name", path, directory)
             path.unlink(missing_ok=True)
 
 
 def _write_temporary_text(directory: Path, text: str) -> Path:
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=_TEMPORARY_SUFFIX)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=_MANIFEST_TEMPORARY_PREFIX, suffix=_TEMPORARY_SUFFIX)
     with os.fdopen(handle, "w", encoding="utf-8") as stream:
         stream.write(text)
         stream.flush()
