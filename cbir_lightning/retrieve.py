@@ -24,12 +24,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cbir_lightning.data.datamodule import resolve_data_root
-from cbir_lightning.data.decode import UnusableImageError
+from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS, UnusableImageError
 from cbir_lightning.data.folder import ImageRecord
 from cbir_lightning.data.split import SPLIT_NAMES, split_records
 from cbir_lightning.explain.retrieval import EXPLAIN_MODES, explain_retrieval
 from cbir_lightning.retrieval.embed import Embedder, build_embedder
-from cbir_lightning.retrieval.index import GalleryIndex
+from cbir_lightning.retrieval.index import MANIFEST_FILE, GalleryIndex
 from cbir_lightning.retrieval.search import SearchResult, build_backend
 from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
@@ -66,11 +66,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
     embedder = embedder_from_config(cfg, cache_dir, cfg.index.max_pixels, cfg.index.show_progress)
-    root = resolve_data_root(cfg.index.root).resolve()
-    index_dir = Path(cfg.index.dir) if cfg.index.dir else _default_index_dir(cache_dir, root, embedder)
-    index = GalleryIndex.build(
-        root, embedder, index_dir, max_pixels=cfg.index.max_pixels, show_progress=cfg.index.show_progress
-    )
+    index = load_gallery_index(cfg.index.root, embedder, cache_dir, cfg.index.dir, **index_options(cfg.index))
     rows = gallery_rows(index, cfg.index.split, tuple(cfg.index.fractions), cfg.index.split_seed)
     query = _resolve_query(cfg, index, rows, embedder)
     result = _search(cfg, index, rows, query)
@@ -104,6 +100,44 @@ def embedder_from_config(cfg: DictConfig, cache_dir: Path, max_pixels: int | Non
     )
 
 
+def load_gallery_index(
+    root: str | Path | None,
+    embedder: Embedder,
+    cache_dir: Path,
+    index_dir: str | Path | None = None,
+    *,
+    scan: bool = True,
+    rebuild: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    show_progress: bool = True,
+) -> GalleryIndex:
+    """Open, update or rebuild the gallery index of ``root``: the ``index`` options of the commands.
+
+    ``root=None`` resolves the default data folder, as ``index.root=null`` does, and ``index_dir=None``
+    picks a folder under ``cache_dir`` from the root and the embedder's key. ``rebuild`` replaces the
+    index. ``scan=False`` opens an existing index as it is, without scanning ``root``, which saves
+    hashing every file of a large gallery. An index that does not exist yet is built either way.
+    """
+    root = resolve_data_root(root).resolve()
+    directory = Path(index_dir) if index_dir else _default_index_dir(cache_dir, root, embedder)
+    if not scan and not rebuild and (directory / MANIFEST_FILE).exists():
+        log.info("index.scan=false: using the gallery index in %s without scanning %s", directory, root)
+        return GalleryIndex.open(directory, embedder)
+    return GalleryIndex.build(
+        root, embedder, directory, rebuild=rebuild, max_pixels=max_pixels, show_progress=show_progress
+    )
+
+
+def index_options(index_cfg: DictConfig) -> dict[str, Any]:
+    """Return the ``load_gallery_index`` keyword arguments of a command config's ``index`` section."""
+    return {
+        "scan": index_cfg.scan,
+        "rebuild": index_cfg.rebuild,
+        "max_pixels": index_cfg.max_pixels,
+        "show_progress": index_cfg.show_progress,
+    }
+
+
 def _default_index_dir(cache_dir: Path, root: Path, embedder: Embedder) -> Path:
     digest = hashlib.sha256(f"{root}|{embedder.key.digest()}".encode()).hexdigest()[:12]
     return cache_dir / "indexes" / f"{embedder.key.backbone}-{digest}"
@@ -124,7 +158,13 @@ def gallery_rows(index: GalleryIndex, split: str, fractions: tuple[float, ...], 
         for image in index.images
     ]
     chosen = {record.relpath for record in split_records(records, fractions, split_seed)[split]}
-    return [row for row, image in enumerate(index.images) if image.relpath in chosen]
+    rows = [row for row, image in enumerate(index.images) if image.relpath in chosen]
+    if not rows:
+        raise ValueError(
+            f"index.split={split} selects no image of {index.root}: its classes are too small for "
+            f"index.fractions={list(fractions)}. Use index.split=all, or give the {split} part a larger fraction."
+        )
+    return rows
 
 
 def _resolve_query(cfg: DictConfig, index: GalleryIndex, rows: list[int], embedder: Embedder) -> Query:

@@ -26,10 +26,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS
 from cbir_lightning.retrieval.index import GalleryIndex
-from cbir_lightning.retrieve import GALLERY_SPLITS, _default_index_dir, embedder_from_config, gallery_rows
+from cbir_lightning.retrieve import (
+    GALLERY_SPLITS,
+    embedder_from_config,
+    gallery_rows,
+    index_options,
+    load_gallery_index,
+)
 from cbir_lightning.text_search.query import (
     QueryPart,
     TextSearchSpace,
@@ -59,9 +64,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
     cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
 
     space = build_search_space(cfg, cache_dir)
-    index = open_gallery_index(
-        space, cfg.index.root, cache_dir, cfg.index.dir, cfg.index.max_pixels, cfg.index.show_progress
-    )
+    index = load_gallery_index(cfg.index.root, space.embedder, cache_dir, cfg.index.dir, **index_options(cfg.index))
     rows = gallery_rows(index, cfg.index.split, tuple(cfg.index.fractions), cfg.index.split_seed)
     query = embed_query(space, parts, templates)
     scores = space.score(query, space.gallery_matrix(index.embeddings[rows]))
@@ -139,13 +142,13 @@ def open_gallery_index(
 ) -> GalleryIndex:
     """Build or update the gallery index of ``root`` with the search space's embedder.
 
-    ``root=None`` resolves the default data folder, as ``index.root=null`` does. ``index_dir=None`` uses
-    the folder that ``cbir_lightning.retrieve`` uses, so ``backend=concepts`` shares the index of the
-    same backbone, weights and preprocessing, which stores the same pooled CNN features.
+    The arguments mean what they mean in ``cbir_lightning.retrieve.load_gallery_index``. With
+    ``index_dir=None``, ``backend=concepts`` shares the index of ``cbir_lightning.retrieve`` for the same
+    backbone, weights and preprocessing, which stores the same pooled CNN features.
     """
-    root = resolve_data_root(root).resolve()
-    directory = Path(index_dir) if index_dir else _default_index_dir(cache_dir, root, space.embedder)
-    return GalleryIndex.build(root, space.embedder, directory, max_pixels=max_pixels, show_progress=show_progress)
+    return load_gallery_index(
+        root, space.embedder, cache_dir, index_dir, max_pixels=max_pixels, show_progress=show_progress
+    )
 
 
 def _query_image_rows(index: GalleryIndex, rows: list[int], parts: list[QueryPart]) -> set[int]:

@@ -1,6 +1,7 @@
 """The query-by-image command end to end on a tiny generated folder, and its errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +101,47 @@ def test_second_run_reuses_index(overrides: list[str], tmp_path: Path, caplog: p
 def test_bf16_features_refused_by_fp32_index(overrides: list[str]) -> None:
     retrieve(compose_config("retrieve", overrides))
 
-    with pytest.raises(ValueError, match="precision='fp32' in the index but 'bf16'.*another index_dir"):
+    with pytest.raises(ValueError, match="precision='fp32' in the index but 'bf16'.*index.rebuild=true"):
         retrieve(compose_config("retrieve", [*overrides, "features.precision=bf16"]))
+
+
+def test_rebuild_replaces_other_precision(overrides: list[str]) -> None:
+    retrieve(compose_config("retrieve", overrides))
+
+    report = retrieve(compose_config("retrieve", [*overrides, "features.precision=bf16", "index.rebuild=true"]))
+
+    assert len(report["results"]) == 5
+
+
+def test_scan_false_keeps_index(overrides: list[str], image_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = retrieve(compose_config("retrieve", [*overrides, "index.split=all"]))
+    shutil.copy(image_folder / "cats" / "0.jpg", image_folder / "cats" / "copy.jpg")
+
+    with caplog.at_level("INFO"):
+        kept = retrieve(compose_config("retrieve", [*overrides, "index.split=all", "index.scan=false"]))
+    updated = retrieve(compose_config("retrieve", [*overrides, "index.split=all"]))
+
+    assert "without scanning" in caplog.text
+    assert kept["gallery"]["size"] == first["gallery"]["size"] == 30
+    assert updated["gallery"]["size"] == 31
+
+
+def test_empty_split_names_fix(overrides: list[str]) -> None:
+    options = [*overrides, "index.split=val", "index.fractions=[0.98,0.01,0.01]"]
+
+    with pytest.raises(ValueError, match="index.split=val selects no image.*index.split=all"):
+        retrieve(compose_config("retrieve", options))
+
+
+def test_faiss_options_need_faiss_backend(overrides: list[str]) -> None:
+    pytest.importorskip("faiss")
+    options = ["+backend_options.index_type=hnsw"]
+
+    with pytest.raises(ValueError, match="backend=faiss"):
+        retrieve(compose_config("retrieve", [*overrides, *options]))
+    report = retrieve(compose_config("retrieve", [*overrides, *options, "backend=faiss"]))
+
+    assert len(report["results"]) == 5
 
 
 def test_missing_query_names_path(overrides: list[str], tmp_path: Path) -> None:
