@@ -24,6 +24,7 @@ from cbir_lightning.data.datamodule import resolve_data_root
 from cbir_lightning.data.decode import DEFAULT_MAX_PIXELS
 from cbir_lightning.data.folder import scan_image_folder
 from cbir_lightning.evaluation.retrieval_metrics import ranking_metrics, similarity_matrix
+from cbir_lightning.explain.targets import load_class_head
 from cbir_lightning.models.heads import MLPHead
 from cbir_lightning.retrieval.embed import Embedder
 from cbir_lightning.retrieval.transforms import expanded_query_scores, head_penultimate, pca_whiten
@@ -87,25 +88,7 @@ def _load_head(cfg: DictConfig, embedder: Embedder) -> MLPHead:
         raise ValueError(
             "The head_penultimate option needs a trained head: set head_checkpoint=<train run folder or head.pt>."
         )
-    path = Path(cfg.head_checkpoint)
-    path = path / "head.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Head checkpoint {str(path)!r} not found. Train one with python -m cbir_lightning.train."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    expected = (embedder.key.backbone, embedder.key.weights_id, "avg")
-    found = (checkpoint["backbone"], checkpoint["weights_id"], checkpoint["pool"])
-    if found != expected:
-        raise ValueError(
-            f"Head checkpoint {path} was trained on (backbone, weights, pool) = {found}, but this evaluation "
-            f"embeds with {expected}. Use a head trained with the same backbone, weights and head.pool=avg."
-        )
-    config = {key: value for key, value in checkpoint["head"].items() if key != "_target_"}
-    in_features = checkpoint["state_dict"]["layers.0.weight"].shape[1]
-    head = MLPHead(in_features, len(checkpoint["class_names"]), **config)
-    head.load_state_dict(checkpoint["state_dict"])
-    return head
+    return load_class_head(cfg.head_checkpoint, embedder.backbone, cfg.preprocess).head
 
 
 def markdown_report(results: dict[str, Any], cutoffs: tuple[int, ...]) -> str:

@@ -75,7 +75,12 @@ def test_head_penultimate_from_train_run(overrides: list[str], tmp_path: Path, i
     options = [*overrides, f"head_checkpoint={tmp_path / 'run'}", "options=[head_penultimate]"]
     results = evaluate(compose_config("evaluate_retrieval", options))
 
-    assert "head_penultimate" in results["options"]
+    penultimate = results["options"]["head_penultimate"]
+    assert 0.0 < penultimate["mAP"] <= 1.0
+    assert penultimate["P@5"] > 0.6
+
+    with pytest.raises(ValueError, match="preprocess='model'.*preprocess='paper'"):
+        evaluate(compose_config("evaluate_retrieval", [*options, "preprocess=paper"]))
 
 
 def test_head_option_needs_checkpoint(overrides: list[str]) -> None:

@@ -30,6 +30,11 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # subtracted after scaling pixels to [0, 1]
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # divides after the mean is subtracted
 
+    @property
+    def mode(self) -> str:
+        """The ``PreprocessMode`` that built this transform, which every ``preprocess_id`` starts with."""
+        return self.preprocess_id.split(":", 1)[0]
+
 
 def build_preprocessing(model: nn.Module, mode: PreprocessMode = "model") -> Preprocessing:
     """Build the evaluation transform for ``model``.

@@ -66,7 +66,7 @@ def explain_retrieval(
     images = torch.stack([preprocessing.transform(load_rgb_image(path)) for path in [query_path, *result_paths]])
     maps = RetrievalMaps(views=input_view(images, preprocessing))
     if mode in ("class", "both"):
-        _add_class_maps(maps, backbone, images, method, head_checkpoint, batch_size)
+        _add_class_maps(maps, backbone, images, method, head_checkpoint, batch_size, preprocessing.mode)
     if mode in ("similarity", "both"):
         _add_similarity_maps(maps, backbone, images, method, batch_size)
     return maps
@@ -79,8 +79,9 @@ def _add_class_maps(
     method: str,
     head_checkpoint: str | Path | None,
     batch_size: int,
+    preprocess: str,
 ) -> None:
-    class_head = load_class_head(head_checkpoint, backbone)
+    class_head = load_class_head(head_checkpoint, backbone, preprocess)
     with Explainer.for_classes(backbone, class_head.head, method=method, batch_size=batch_size) as explainer:
         maps.class_maps = explainer.explain(images, class_targets([None] * len(images)))
         predicted = explainer.last_outputs.argmax(dim=1).tolist()

@@ -111,22 +111,26 @@ class ClassHead:
     preprocess: str | None  # preprocess mode of the training run, which the explained images must also use
 
 
-def load_class_head(head_checkpoint: str | Path | None, backbone: FrozenBackbone) -> ClassHead:
+def load_class_head(
+    head_checkpoint: str | Path | None, backbone: FrozenBackbone, preprocess: str | None = None
+) -> ClassHead:
     """Load the ``head.pt`` of a training run and check that it was trained on ``backbone``'s features.
 
     Args:
         head_checkpoint: a training run folder (which contains ``head.pt``) or the ``head.pt`` file.
         backbone: the backbone the head will sit on. Its name, weights id and pool mode must match the
             checkpoint's, because a head only fits the features it was trained on.
+        preprocess: the preprocessing mode of the images the head will see. When given, it must match
+            the training run's too.
 
     Raises:
         FileNotFoundError: no checkpoint is given or none exists at the path. The message gives the training command.
         ValueError: the file is not a head checkpoint of ``cbir_lightning.train``, or it was trained for
-            another backbone, weights or pool mode.
+            another backbone, weights, pool mode or preprocessing mode.
     """
     path = _resolve_checkpoint_path(head_checkpoint, backbone.spec.name)
     checkpoint = _read_checkpoint(path)
-    _check_matches_backbone(checkpoint, path, backbone)
+    _check_matches_backbone(checkpoint, path, backbone, preprocess)
     head = _build_head(checkpoint, path)
     log.info("Loaded classifier head %s (%d classes)", path, len(checkpoint["class_names"]))
     return ClassHead(head, list(checkpoint["class_names"]), path, checkpoint.get("preprocess"))
@@ -163,14 +167,18 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _check_matches_backbone(checkpoint: dict[str, Any], path: Path, backbone: FrozenBackbone) -> None:
+def _check_matches_backbone(
+    checkpoint: dict[str, Any], path: Path, backbone: FrozenBackbone, preprocess: str | None
+) -> None:
     expected = {"backbone": backbone.spec.name, "weights_id": backbone.weights_id, "pool": backbone.pool}
+    if preprocess is not None and checkpoint.get("preprocess") is not None:
+        expected["preprocess"] = preprocess
     for key, value in expected.items():
         if checkpoint[key] != value:
             raise ValueError(
                 f"Head checkpoint {path} was trained with {key}={checkpoint[key]!r}, but the backbone has "
                 f"{key}={value!r}. Build the backbone as the training run did (backbone, weights.source, "
-                f"weights.path, head.pool), or train a head for this backbone."
+                f"weights.path, head.pool, preprocess), or train a head for this backbone."
             )
 
 
