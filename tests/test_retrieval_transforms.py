@@ -1,5 +1,6 @@
 """Embedding options of the retrieval evaluation."""
 
+import pytest
 import torch
 
 from cbir_lightning.models.heads import MLPHead
@@ -41,3 +42,11 @@ def test_head_penultimate_has_last_hidden_width() -> None:
 
     assert embedded.shape == (4, 5)
     assert bool((embedded >= 0).all())
+
+
+@pytest.mark.parametrize("top_n", [0, 5])
+def test_query_expansion_top_n_bounds(top_n: int) -> None:
+    features = torch.eye(5, 4)
+
+    with pytest.raises(ValueError, match=f"query_expansion_top_n={top_n}: it must be between 1 and 4"):
+        expanded_query_scores(features, top_n=top_n)

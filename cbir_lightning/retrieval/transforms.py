@@ -36,7 +36,15 @@ def expanded_query_scores(features: torch.Tensor, top_n: int = 3) -> torch.Tenso
 
     Each query vector is replaced by the mean of itself and its ``top_n`` nearest other images (cosine), then
     ranked again against the gallery. The query itself never counts as one of its own neighbours.
+
+    Raises:
+        ValueError: ``top_n`` is not between 1 and the number of other images.
     """
+    if not 1 <= top_n <= len(features) - 1:
+        raise ValueError(
+            f"Invalid query_expansion_top_n={top_n}: it must be between 1 and {len(features) - 1}, "
+            f"the number of other images."
+        )
     unit = F.normalize(features.float(), dim=1)
     first_pass = unit @ unit.T
     first_pass.fill_diagonal_(float("-inf"))
