@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,14 @@ def test_build_stores_rows_and_manifest(image_folder: Path, embedder: Embedder, 
     assert built.changes is not None
     assert built.changes.added == 30
     assert built.changes.embedded == 30
+
+
+def test_index_files_have_default_permissions(built: GalleryIndex) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+
+    for name in (MANIFEST_FILE, built.manifest.embeddings_file, built.manifest.images_file):
+        assert (built.directory / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_open_computes_nothing(built: GalleryIndex, embedder: Embedder) -> None:
@@ -479,8 +488,36 @@ def test_rebuild_replaces_configuration(built: GalleryIndex, other_embedder: Emb
 def test_second_writer_rejected(built: GalleryIndex, embedder: Embedder, image_folder: Path) -> None:
     with (built.directory / ".lock").open("a") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        with pytest.raises(RuntimeError, match="Another process is writing"):
-            GalleryIndex.build(image_folder, embedder, built.directory, show_progress=False)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="Another process is writing"):
+            GalleryIndex.build(image_folder, embedder, built.directory, show_progress=False, lock_timeout=1.0)
+
+    assert time.monotonic() - start >= 1.0
+
+
+def test_build_waits_for_other_writer(built: GalleryIndex, embedder: Embedder, image_folder: Path) -> None:
+    handle = (built.directory / ".lock").open("a")
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    timer = threading.Timer(1.0, handle.close)
+    timer.start()
+
+    index = GalleryIndex.build(image_folder, embedder, built.directory, show_progress=False, lock_timeout=30.0)
+
+    timer.join()
+    assert index.manifest.version == built.manifest.version
+
+
+def test_other_root_logs_warning(
+    built: GalleryIndex, embedder: Embedder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(built.root / "cats", other / "cats")
+
+    with caplog.at_level(logging.WARNING, logger="cbir_lightning.retrieval.index"):
+        moved = GalleryIndex.build(other, embedder, built.directory, show_progress=False)
+
+    assert f"was built from {built.root} and now indexes {other}" in caplog.text
+    assert len(moved) == 10
 
 
 BUILD_SCRIPT = """

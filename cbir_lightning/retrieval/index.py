@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
@@ -69,6 +70,7 @@ _MANIFEST_TEMPORARY_PREFIX = "manifest-"
 # The parts of the embedding configuration that must match before two vectors can be compared.
 _KEY_FIELDS = ("backbone", "weights_id", "preprocess_id", "pool", "precision")
 _OPEN_ATTEMPTS = 3
+_LOCK_POLL_SECONDS = 0.5
 # Names of the files that a build writes, and so may delete: data files of a version (12 hex digits) and
 # the temporary manifest. Anything else in the folder is left alone.
 _INDEX_FILE_PATTERN = re.compile(
@@ -378,29 +380,39 @@ class GalleryIndex:
         layout: GalleryLayout = "auto",
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         show_progress: bool = True,
+        lock_timeout: float = 0.0,
     ) -> "GalleryIndex":
         """Index the images of ``root`` in ``index_dir``, updating an index that is already there.
 
         An existing index keeps the vectors of the contents that are still in ``root``, and only new contents
         are embedded. ``rebuild=True`` discards the existing index and embeds everything through the feature
         cache. The new version replaces the old one atomically, so an interrupted build leaves the old one
-        usable.
+        usable. While another process writes the same index, the build waits up to ``lock_timeout``
+        seconds.
 
         Raises:
             ValueError: the existing index was built with another backbone, weights, preprocessing,
                 pooling or precision than ``embedder`` (and ``rebuild`` is False), the folder has no usable
                 image, or ``index_dir`` is inside ``root`` or contains files that are not an index's.
-            RuntimeError: another process is writing the same index.
+            TimeoutError: another process is still writing the same index after ``lock_timeout`` seconds.
         """
         directory = Path(index_dir).expanduser()
         _check_index_location(directory, Path(root).expanduser())
         directory.mkdir(parents=True, exist_ok=True)
-        with _write_lock(directory):
+        with _write_lock(directory, lock_timeout):
             previous = None
             if not rebuild and (directory / MANIFEST_FILE).exists():
                 previous = _load_index(directory)
                 previous.check_embedder(embedder)
             scan = scan_gallery(root, layout, max_pixels, show_progress)
+            if previous is not None and previous.manifest.root != str(scan.root):
+                log.warning(
+                    "Gallery index %s was built from %s and now indexes %s instead: the images of the old folder "
+                    "are dropped unless the new one has the same contents. Choose another index folder to keep both.",
+                    directory,
+                    previous.manifest.root,
+                    scan.root,
+                )
             index = _write_new_version(directory, previous, scan, embedder)
             _delete_unreferenced_files(directory, index.manifest)
         return index
@@ -421,7 +433,7 @@ class GalleryIndex:
 
         Raises:
             ValueError: ``embedder`` does not match the index, or the folder has no usable image.
-            RuntimeError: another process is writing the same index.
+            TimeoutError: another process is writing the same index.
         """
         updated = GalleryIndex.build(
             self.root if root is None else root,
@@ -542,18 +554,30 @@ def _load_version(directory: Path, manifest: IndexManifest) -> GalleryIndex:
 
 
 @contextmanager
-def _write_lock(directory: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<directory>/.lock``. The kernel releases it if the process dies."""
+def _write_lock(directory: Path, timeout: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<directory>/.lock``, waiting up to ``timeout`` seconds for it.
+
+    The kernel releases the lock if its holder dies.
+    """
     import fcntl  # POSIX only, so it is imported here and opening an index works everywhere.
 
     with (directory / LOCK_FILE).open("a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"Another process is writing the gallery index in {directory} (it has locked {directory / LOCK_FILE}). "
-                "Wait for it to finish, then try again."
-            ) from None
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"Another process is writing the gallery index in {directory} (it has locked "
+                        f"{directory / LOCK_FILE}). Wait for it to finish, then try again."
+                    ) from None
+                if not waiting:
+                    log.info("Waiting up to %.0f s for another process that writes the index in %s", timeout, directory)
+                    waiting = True
+                time.sleep(_LOCK_POLL_SECONDS)
         try:
             yield
         finally:
@@ -594,6 +618,7 @@ def _write_new_version(
     )
     # The data files get new names, and nothing reads them until the manifest names them.
     save_file({"embeddings": embeddings.contiguous()}, str(directory / manifest.embeddings_file))
+    _make_readable(directory / manifest.embeddings_file)
     _fsync_file(directory / manifest.embeddings_file)
     columns = {
         "ids": [image.id for image in images],
@@ -606,6 +631,7 @@ def _write_new_version(
 
     # The commit: one atomic rename switches readers from the previous version to this one.
     temporary = _write_temporary_text(directory, json.dumps(asdict(manifest), indent=2) + "\n")
+    _make_readable(temporary)
     os.replace(temporary, directory / MANIFEST_FILE)
     _fsync_directory(directory)
     log.info(
@@ -728,6 +754,13 @@ def _write_temporary_text(directory: Path, text: str) -> Path:
         stream.flush()
         os.fsync(stream.fileno())
     return Path(temporary)
+
+
+def _make_readable(path: Path) -> None:
+    """Give ``path`` the permissions of a newly created file, which safetensors and mkstemp restrict to 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_text_synced(path: Path, text: str) -> None:

@@ -20,6 +20,7 @@ USER_ERRORS = (
     FileNotFoundError,
     NotADirectoryError,
     ValueError,
+    TimeoutError,
     InstantiationException,
 )
 
