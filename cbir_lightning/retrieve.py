@@ -30,7 +30,7 @@ from cbir_lightning.data.split import SPLIT_NAMES, split_records
 from cbir_lightning.explain.retrieval import EXPLAIN_MODES, explain_retrieval
 from cbir_lightning.retrieval.embed import Embedder, build_embedder
 from cbir_lightning.retrieval.index import MANIFEST_FILE, GalleryIndex
-from cbir_lightning.retrieval.search import SearchResult, build_backend
+from cbir_lightning.retrieval.search import BACKEND_NAMES, METRICS, SearchResult, build_backend
 from cbir_lightning.utils.cli import exit_on_user_error
 from cbir_lightning.utils.paths import default_cache_dir
 from cbir_lightning.visualize.explained import write_explained_html, write_explained_png
@@ -57,6 +57,7 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"Invalid index.split={cfg.index.split!r}. Choose one of: {', '.join(GALLERY_SPLITS)}.")
     if cfg.explain not in EXPLAIN_MODES:
         raise ValueError(f"Invalid explain={cfg.explain!r}. Choose one of: {', '.join(EXPLAIN_MODES)}.")
+    _check_search_options(cfg)
     if cfg.explain in ("class", "both") and not cfg.head_checkpoint:
         raise FileNotFoundError(
             f"explain={cfg.explain} needs a trained head: train one with python -m cbir_lightning.train "
@@ -79,6 +80,16 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
         _write_explained(run_dir, cfg, report, embedder)
     log.info("Query %s: %d results written to %s", query.path, len(report["results"]), run_dir)
     return report
+
+
+def _check_search_options(cfg: DictConfig) -> None:
+    """Reject invalid search settings before the backbone loads and the gallery is indexed."""
+    if cfg.metric not in METRICS:
+        raise ValueError(f"Invalid metric={cfg.metric!r}. Choose one of: {', '.join(METRICS)}.")
+    if cfg.backend not in BACKEND_NAMES:
+        raise ValueError(f"Invalid backend={cfg.backend!r}. Choose one of: {', '.join(BACKEND_NAMES)}.")
+    if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or cfg.k < 1:
+        raise ValueError(f"Invalid k={cfg.k!r}: it must be an integer of at least 1.")
 
 
 def embedder_from_config(cfg: DictConfig, cache_dir: Path, max_pixels: int | None, show_progress: bool) -> Embedder:
@@ -110,6 +121,7 @@ def load_gallery_index(
     rebuild: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     show_progress: bool = True,
+    lock_timeout: float = 0.0,
 ) -> GalleryIndex:
     """Open, update or rebuild the gallery index of ``root``: the ``index`` options of the commands.
 
@@ -117,6 +129,7 @@ def load_gallery_index(
     picks a folder under ``cache_dir`` from the root and the embedder's key. ``rebuild`` replaces the
     index. ``scan=False`` opens an existing index as it is, without scanning ``root``, which saves
     hashing every file of a large gallery. An index that does not exist yet is built either way.
+    ``lock_timeout`` is how long to wait while another process writes the same index.
     """
     root = resolve_data_root(root).resolve()
     directory = Path(index_dir) if index_dir else _default_index_dir(cache_dir, root, embedder)
@@ -124,7 +137,13 @@ def load_gallery_index(
         log.info("index.scan=false: using the gallery index in %s without scanning %s", directory, root)
         return GalleryIndex.open(directory, embedder)
     return GalleryIndex.build(
-        root, embedder, directory, rebuild=rebuild, max_pixels=max_pixels, show_progress=show_progress
+        root,
+        embedder,
+        directory,
+        rebuild=rebuild,
+        max_pixels=max_pixels,
+        show_progress=show_progress,
+        lock_timeout=lock_timeout,
     )
 
 
@@ -135,6 +154,7 @@ def index_options(index_cfg: DictConfig) -> dict[str, Any]:
         "rebuild": index_cfg.rebuild,
         "max_pixels": index_cfg.max_pixels,
         "show_progress": index_cfg.show_progress,
+        "lock_timeout": index_cfg.lock_timeout,
     }
 
 
@@ -192,11 +212,20 @@ def _rows_with_content(index: GalleryIndex, row: int) -> tuple[int, ...]:
 
 
 def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> SearchResult:
-    backend_options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
+    options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
+    backend_options = {name: value for name, value in options.items() if value is not None}
     # One query: backend=auto stays exact, because building an approximate index would take longer.
     backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, expected_queries=1, **backend_options)
     position = {row: offset for offset, row in enumerate(rows)}
     excluded = {position[row] for row in query.gallery_rows if row in position} if cfg.exclude_query else set()
+    if excluded:
+        log.info("Leaving out %d gallery image(s) with the query's content (exclude_query=true)", len(excluded))
+    if cfg.k > len(rows) - len(excluded):
+        log.warning(
+            "k=%d is larger than the %d gallery images that can be returned: all of them are.",
+            cfg.k,
+            len(rows) - len(excluded),
+        )
     return backend.search(query.vector[None], int(cfg.k), exclude=[excluded])
 
 
@@ -224,7 +253,18 @@ def _report(
         "score": score_name,
         "k": int(cfg.k),
         "gallery": {"root": str(index.root), "split": cfg.index.split, "size": len(rows)},
+        # Over the results returned, which are fewer than k when the gallery is smaller.
         "precision_at_k": sum(same_class) / len(same_class) if same_class else None,
+        "settings": {
+            "seed": int(cfg.seed),
+            "backend": cfg.backend,
+            "backend_options": OmegaConf.to_container(cfg.backend_options, resolve=True),
+            "exclude_query": bool(cfg.exclude_query),
+            "excluded": len(query.gallery_rows),
+            "preprocess_id": index.manifest.preprocess_id,
+            "precision": index.manifest.precision,
+            "index_dir": str(index.directory),
+        },
         "results": results,
     }
 

@@ -138,13 +138,40 @@ def test_empty_split_names_fix(overrides: list[str]) -> None:
 
 def test_faiss_options_need_faiss_backend(overrides: list[str]) -> None:
     pytest.importorskip("faiss")
-    options = ["+backend_options.index_type=hnsw"]
+    options = ["backend_options.index_type=hnsw"]
 
     with pytest.raises(ValueError, match="backend=faiss"):
         retrieve(compose_config("retrieve", [*overrides, *options]))
     report = retrieve(compose_config("retrieve", [*overrides, *options, "backend=faiss"]))
+    as_dict = retrieve(
+        compose_config("retrieve", [*overrides, "backend=faiss", "backend_options={index_type: ivf, nlist: 2}"])
+    )
 
     assert len(report["results"]) == 5
+    assert report["settings"]["backend_options"]["index_type"] == "hnsw"
+    assert as_dict["settings"]["backend_options"]["nlist"] == 2
+    assert [item["path"] for item in as_dict["results"]] == [item["path"] for item in report["results"]]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"), [("metric=foo", "metric='foo'"), ("backend=bar", "backend='bar'"), ("k=0", "k=0")]
+)
+def test_bad_search_option_fails_before_indexing(
+    overrides: list[str], tmp_path: Path, option: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"Invalid {message}"):
+        retrieve(compose_config("retrieve", [*overrides, option]))
+
+    assert not (tmp_path / "index").exists()
+
+
+def test_large_k_warns_and_returns_gallery(overrides: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        report = retrieve(compose_config("retrieve", [*overrides, "k=50"]))
+
+    assert "k=50 is larger than the 20 gallery images" in caplog.text
+    assert len(report["results"]) == 20
+    assert report["settings"]["excluded"] == 1
 
 
 def test_missing_query_names_path(overrides: list[str], tmp_path: Path) -> None:

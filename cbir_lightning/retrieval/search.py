@@ -469,6 +469,8 @@ def _check_faiss_options(index_type: str, options: dict[str, int | None]) -> Non
 
 
 def _import_faiss() -> Any:
+    # faiss's loader logs at INFO level each instruction-set build that it tries and does not find.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return importlib.import_module("faiss")
     except ImportError as error:
