@@ -42,6 +42,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     unknown = [option for option in cfg.options if option not in OPTIONS]
     if unknown:
         raise ValueError(f"Invalid options {unknown}. Choose from: {', '.join(OPTIONS)}.")
+    if not cfg.cutoffs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg.cutoffs):
+        raise ValueError(
+            f"Invalid cutoffs={list(cfg.cutoffs)}: give one or more integers of at least 1, e.g. [10, 12]."
+        )
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cfg.features.cache_dir or default_cache_dir())
@@ -59,6 +63,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "precision": embedder.key.precision,
         "data_root": str(folder.root),
         "num_images": len(folder.records),
+        "settings": {
+            "cutoffs": list(cfg.cutoffs),
+            "pca_dims": int(cfg.pca_dims),
+            "query_expansion_top_n": int(cfg.query_expansion_top_n),
+        },
         "options": {},
     }
     for option in cfg.options:

@@ -32,7 +32,8 @@ def test_evaluation_writes_every_option(overrides: list[str], tmp_path: Path) ->
     stored = json.loads((tmp_path / "evaluation" / "retrieval_metrics.json").read_text())
     table = (tmp_path / "evaluation" / "retrieval_metrics.md").read_text()
     assert stored == json.loads(json.dumps(results))
-    assert list(stored["options"]) == ["raw_euclidean", "cosine", "pca_whiten", "query_expansion"]
+    assert list(stored["options"]) == ["raw_euclidean", "cosine", "query_expansion"]
+    assert stored["settings"] == {"cutoffs": [5], "pca_dims": 8, "query_expansion_top_n": 3}
     assert stored["random_weights"] is True
     assert "RANDOM weights" in table
     for metrics in stored["options"].values():
@@ -86,6 +87,20 @@ def test_head_penultimate_from_train_run(overrides: list[str], tmp_path: Path, i
 def test_head_option_needs_checkpoint(overrides: list[str]) -> None:
     with pytest.raises(ValueError, match="set head_checkpoint="):
         evaluate(compose_config("evaluate_retrieval", [*overrides, "options=[head_penultimate]"]))
+
+
+def test_pca_whiten_option(overrides: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        results = evaluate(compose_config("evaluate_retrieval", [*overrides, "options=[pca_whiten]", "pca_dims=500"]))
+
+    assert 0.0 < results["options"]["pca_whiten"]["mAP"] <= 1.0
+    assert "keeps 29 dims instead of 500" in caplog.text
+
+
+@pytest.mark.parametrize("cutoffs", ["[0]", "[]"])
+def test_bad_cutoffs_named(overrides: list[str], cutoffs: str) -> None:
+    with pytest.raises(ValueError, match="Invalid cutoffs="):
+        evaluate(compose_config("evaluate_retrieval", [*overrides, f"cutoffs={cutoffs}"]))
 
 
 def test_unknown_option_names_choices(overrides: list[str]) -> None:

@@ -1,9 +1,13 @@
 """Embedding options compared by the retrieval evaluation: raw features, the trained head's penultimate
 layer, PCA whitening, and average query expansion over leave-one-out rankings."""
 
+import logging
+
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+log = logging.getLogger(__name__)
 
 __all__ = ["expanded_query_scores", "head_penultimate", "pca_whiten"]
 
@@ -25,7 +29,16 @@ def pca_whiten(features: torch.Tensor, dims: int = 256, epsilon: float = 1e-6) -
     """
     normalised = F.normalize(features.double(), dim=1)
     centred = normalised - normalised.mean(dim=0, keepdim=True)
-    dims = min(dims, centred.shape[0] - 1, centred.shape[1])
+    usable = min(dims, centred.shape[0] - 1, centred.shape[1])
+    if usable < dims:
+        log.warning(
+            "PCA whitening keeps %d dims instead of %d: %d images of %d dims have no more axes.",
+            usable,
+            dims,
+            centred.shape[0],
+            centred.shape[1],
+        )
+    dims = usable
     _, singular_values, right = torch.linalg.svd(centred, full_matrices=False)
     scale = singular_values[:dims] / (centred.shape[0] - 1) ** 0.5
     return (centred @ right[:dims].T / (scale + epsilon)).float()
