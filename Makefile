@@ -26,7 +26,7 @@ TF_PACKAGES := tensorflow==2.21.0 tf-keras==2.21.0 torch==2.14.1 torchvision==0.
 .PHONY: help install train sweep report retrieve search evaluate-retrieval test test-fast test-tensorflow lint format clean clean-logs
 
 help: ## Show the targets and what they do
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PYTHON) || $(BOOTSTRAP_PYTHON) -m venv $(VENV)
