@@ -212,10 +212,8 @@ def _rows_with_content(index: GalleryIndex, row: int) -> tuple[int, ...]:
 
 
 def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> SearchResult:
-    options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
-    backend_options = {name: value for name, value in options.items() if value is not None}
     # One query: backend=auto stays exact, because building an approximate index would take longer.
-    backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, expected_queries=1, **backend_options)
+    backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, expected_queries=1, **backend_options(cfg))
     position = {row: offset for offset, row in enumerate(rows)}
     excluded = {position[row] for row in query.gallery_rows if row in position} if cfg.exclude_query else set()
     if excluded:
@@ -227,6 +225,12 @@ def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query)
             len(rows) - len(excluded),
         )
     return backend.search(query.vector[None], int(cfg.k), exclude=[excluded])
+
+
+def backend_options(cfg: DictConfig) -> dict[str, Any]:
+    """Return the ``backend_options`` that are set, leaving out the null ones that mean "the default"."""
+    options = OmegaConf.to_container(cfg.backend_options, resolve=True) or {}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _report(
@@ -258,7 +262,7 @@ def _report(
         "settings": {
             "seed": int(cfg.seed),
             "backend": cfg.backend,
-            "backend_options": OmegaConf.to_container(cfg.backend_options, resolve=True),
+            "backend_options": backend_options(cfg),
             "exclude_query": bool(cfg.exclude_query),
             "excluded": len(query.gallery_rows),
             "preprocess_id": index.manifest.preprocess_id,
