@@ -194,6 +194,8 @@ def _resolve_query(cfg: DictConfig, index: GalleryIndex, rows: list[int], embedd
         row = rows[int(torch.randint(len(rows), (1,), generator=generator))]
         return Query(index.paths[row], class_names[row], index.embeddings[row], _rows_with_content(index, row))
     path = Path(str(cfg.query)).expanduser()
+    if path.is_dir():
+        raise ValueError(f"Query {str(path)!r} is a folder. Pass query=<image file> or query=random.")
     if not path.is_file():
         raise FileNotFoundError(f"Query image {str(path)!r} not found. Pass query=<image file> or query=random.")
     try:

@@ -181,6 +181,11 @@ def test_missing_query_names_path(overrides: list[str], tmp_path: Path) -> None:
         retrieve(compose_config("retrieve", [*overrides, f"query={missing}"]))
 
 
+def test_folder_query_named(overrides: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a folder"):
+        retrieve(compose_config("retrieve", [*overrides, f"query={tmp_path}"]))
+
+
 def test_non_image_query_names_path(overrides: list[str], tmp_path: Path) -> None:
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")

@@ -635,7 +635,8 @@ def _write_new_version(
     os.replace(temporary, directory / MANIFEST_FILE)
     _fsync_directory(directory)
     log.info(
-        "Gallery index %s: %d images (%d added, %d removed, %d modified, %d embedded, %d vectors reused)",
+        "Gallery index %s: %d images (%d added, %d removed, %d modified, %d embedded through the feature cache, "
+        "%d vectors reused)",
         directory,
         len(images),
         changes.added,
