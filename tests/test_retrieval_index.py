@@ -615,6 +615,34 @@ def test_folder_with_other_files_rejected(image_folder: Path, embedder: Embedder
     assert sorted(path.name for path in folder.iterdir()) == ["images-of-my-cat.jpg"]
 
 
+def test_foreign_manifest_is_not_an_index(image_folder: Path, embedder: Embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text('{"name": "my web app"}')
+
+    with pytest.raises(ValueError, match="contains no gallery index but 1 other entries.*manifest.json"):
+        GalleryIndex.build(image_folder, embedder, folder, rebuild=True, show_progress=False)
+
+    assert (folder / MANIFEST_FILE).read_text() == '{"name": "my web app"}'
+
+
+def test_old_temporary_manifest_is_cleaned(image_folder: Path, embedder: Embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    folder.mkdir()
+    (folder / "tmpk3j_9x2a.tmp").write_text("{}")
+
+    index = GalleryIndex.build(image_folder, embedder, folder, show_progress=False)
+
+    assert len(index) == 30
+    assert not (folder / "tmpk3j_9x2a.tmp").exists()
+
+
+@pytest.mark.parametrize("timeout", [-1, None])
+def test_invalid_lock_timeout(built: GalleryIndex, embedder: Embedder, image_folder: Path, timeout: object) -> None:
+    with pytest.raises(ValueError, match="Invalid lock_timeout"):
+        GalleryIndex.build(image_folder, embedder, built.directory, show_progress=False, lock_timeout=timeout)
+
+
 def test_index_inside_gallery_rejected(image_folder: Path, embedder: Embedder) -> None:
     with pytest.raises(ValueError, match="inside the gallery folder"):
         GalleryIndex.build(image_folder, embedder, image_folder / "index", show_progress=False)

@@ -73,9 +73,10 @@ _OPEN_ATTEMPTS = 3
 _LOCK_POLL_SECONDS = 0.5
 # Names of the files that a build writes, and so may delete: data files of a version (12 hex digits) and
 # the temporary manifest. Anything else in the folder is left alone.
+# Earlier versions named the temporary manifest tmp<8 characters>.tmp, mkstemp's default.
 _INDEX_FILE_PATTERN = re.compile(
     rf"({_EMBEDDINGS_PREFIX}[0-9a-f]{{12}}\.safetensors|{_IMAGES_PREFIX}[0-9a-f]{{12}}\.json|"
-    rf"{_MANIFEST_TEMPORARY_PREFIX}\w+{re.escape(_TEMPORARY_SUFFIX)})"
+    rf"{_MANIFEST_TEMPORARY_PREFIX}\w+{re.escape(_TEMPORARY_SUFFIX)}|tmp\w{{8}}{re.escape(_TEMPORARY_SUFFIX)})"
 )
 REBUILD_HINT = (
     "Rebuild the index with index.rebuild=true on the command line, or GalleryIndex.build(..., rebuild=True)."
@@ -396,6 +397,8 @@ class GalleryIndex:
                 image, or ``index_dir`` is inside ``root`` or contains files that are not an index's.
             TimeoutError: another process is still writing the same index after ``lock_timeout`` seconds.
         """
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float) or lock_timeout < 0:
+            raise ValueError(f"Invalid lock_timeout={lock_timeout!r}: give the seconds to wait, 0 or more.")
         directory = Path(index_dir).expanduser()
         _check_index_location(directory, Path(root).expanduser())
         directory.mkdir(parents=True, exist_ok=True)
@@ -728,7 +731,7 @@ def _check_index_location(directory: Path, root: Path) -> None:
                 f"Invalid index folder {directory}: it is inside the gallery folder {root}, which would index it "
                 "as images. Choose a folder outside the gallery, or one whose name starts with '.'."
             )
-    if not directory.is_dir() or (directory / MANIFEST_FILE).exists():
+    if not directory.is_dir() or _is_index_manifest(directory / MANIFEST_FILE):
         return
     names = [path.name for path in directory.iterdir() if path.name != LOCK_FILE]
     foreign = sorted(name for name in names if not _INDEX_FILE_PATTERN.fullmatch(name))
@@ -737,6 +740,15 @@ def _check_index_location(directory: Path, root: Path) -> None:
             f"Invalid index folder {directory}: it contains no gallery index but {len(foreign)} other entries "
             f"(such as {foreign[0]!r}). Choose an empty or new folder for the index."
         )
+
+
+def _is_index_manifest(path: Path) -> bool:
+    """Return whether ``path`` is a JSON file with this project's index format name."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == INDEX_FORMAT
 
 
 def _delete_unreferenced_files(directory: Path, manifest: IndexManifest) -> None:
@@ -759,9 +771,18 @@ def _write_temporary_text(directory: Path, text: str) -> Path:
 
 def _make_readable(path: Path) -> None:
     """Give ``path`` the permissions of a newly created file, which safetensors and mkstemp restrict to 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_process_umask())
+
+
+def _process_umask() -> int:
+    """Return the umask, from ``/proc`` where it exists, since ``os.umask`` can only read it by changing it."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return int(re.search(r"^Umask:\s*([0-7]+)$", status, re.MULTILINE).group(1), 8)  # type: ignore[union-attr]
+    except (OSError, AttributeError, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
+        return umask
 
 
 def _write_text_synced(path: Path, text: str) -> None:
