@@ -70,9 +70,9 @@ def retrieve(cfg: DictConfig) -> dict[str, Any]:
     index = load_gallery_index(cfg.index.root, embedder, cache_dir, cfg.index.dir, **index_options(cfg.index))
     rows = gallery_rows(index, cfg.index.split, tuple(cfg.index.fractions), cfg.index.split_seed)
     query = _resolve_query(cfg, index, rows, embedder)
-    result = _search(cfg, index, rows, query)
+    search = _search(cfg, index, rows, query)
 
-    report = _report(cfg, index, rows, query, result)
+    report = _report(cfg, index, rows, query, search)
     (run_dir / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     if cfg.explain == "none":
         _write_pictures(run_dir, cfg, report)
@@ -132,10 +132,19 @@ def load_gallery_index(
     ``lock_timeout`` is how long to wait while another process writes the same index.
     """
     root = resolve_data_root(root).resolve()
-    directory = Path(index_dir) if index_dir else _default_index_dir(cache_dir, root, embedder)
+    directory = Path(index_dir).expanduser() if index_dir else _default_index_dir(cache_dir, root, embedder)
     if not scan and not rebuild and (directory / MANIFEST_FILE).exists():
         log.info("index.scan=false: using the gallery index in %s without scanning %s", directory, root)
-        return GalleryIndex.open(directory, embedder)
+        index = GalleryIndex.open(directory, embedder)
+        if index.manifest.root != str(root):
+            log.warning(
+                "index.scan=false: the index in %s was built from %s, not from %s. Set index.scan=true to index %s.",
+                directory,
+                index.manifest.root,
+                root,
+                root,
+            )
+        return index
     return GalleryIndex.build(
         root,
         embedder,
@@ -213,7 +222,16 @@ def _rows_with_content(index: GalleryIndex, row: int) -> tuple[int, ...]:
     return tuple(other for other, image in enumerate(index.images) if image.sha256 == digest)
 
 
-def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> SearchResult:
+@dataclass(frozen=True)
+class Search:
+    """The results of the query, with the backend that found them and the gallery positions left out."""
+
+    result: SearchResult
+    backend: str
+    excluded: int
+
+
+def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query) -> Search:
     # One query: backend=auto stays exact, because building an approximate index would take longer.
     backend = build_backend(index.embeddings[rows], cfg.backend, cfg.metric, expected_queries=1, **backend_options(cfg))
     position = {row: offset for offset, row in enumerate(rows)}
@@ -226,7 +244,8 @@ def _search(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query)
             cfg.k,
             len(rows) - len(excluded),
         )
-    return backend.search(query.vector[None], int(cfg.k), exclude=[excluded])
+    result = backend.search(query.vector[None], int(cfg.k), exclude=[excluded])
+    return Search(result, backend.name, len(excluded))
 
 
 def backend_options(cfg: DictConfig) -> dict[str, Any]:
@@ -235,9 +254,8 @@ def backend_options(cfg: DictConfig) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _report(
-    cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query, result: SearchResult
-) -> dict[str, Any]:
+def _report(cfg: DictConfig, index: GalleryIndex, rows: list[int], query: Query, search: Search) -> dict[str, Any]:
+    result = search.result
     score_name = "similarity" if result.higher_is_better else "distance"
     results = []
     for rank, (offset, score) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist(), strict=True), 1):
@@ -263,10 +281,10 @@ def _report(
         "precision_at_k": sum(same_class) / len(same_class) if same_class else None,
         "settings": {
             "seed": int(cfg.seed),
-            "backend": cfg.backend,
+            "backend": search.backend,
             "backend_options": backend_options(cfg),
             "exclude_query": bool(cfg.exclude_query),
-            "excluded": len(query.gallery_rows),
+            "excluded": search.excluded,
             "preprocess_id": index.manifest.preprocess_id,
             "precision": index.manifest.precision,
             "index_dir": str(index.directory),

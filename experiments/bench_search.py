@@ -19,10 +19,10 @@ of the exact backend's 12 results that a backend also returns.
 
 Every backend runs in a fresh process (multiprocessing "spawn"), so its peak memory is that process's
 peak resident set size (``VmHWM`` in ``/proc/self/status``). The peak covers the interpreter, torch,
-faiss and the gallery itself. The "data" column is the same counter after the gallery and queries
+faiss and the gallery itself. The "before" column is the same counter after the gallery and queries
 exist and before the backend is built, so the difference is what the backend adds, its temporary
-copies included. A 1M x 1024 float32 gallery takes 4 GiB. At that size the exact backend peaked at
-9.1 GiB and faiss HNSW at 12.2 GiB on the development machine, so the 1M size needs about 12 GiB free
+copies included. A 1M x 1024 float32 gallery takes 3.8 GiB (4 GB). At that size the exact backend peaked at
+8.9 GiB and faiss HNSW at 11.9 GiB on the development machine, so the 1M size needs about 12 GiB free
 and took 9 minutes on 2 cores.
 """
 
@@ -451,7 +451,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"fastest approximate search over {largest} vectors with recall@12 >= {RECALL_TARGET}: {best['backend']} "
             f"{best['setting']}, median {best['median_ms']:.3f} ms, recall@12 {best['recall_at_12']:.4f} "
-            f"(target < {APPROXIMATE_TARGET_MS} ms: {verdict})"
+            f"(target < {APPROXIMATE_TARGET_MS} ms, set for 1M vectors: {verdict})"
         )
     else:
         lines.append(

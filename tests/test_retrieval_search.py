@@ -298,6 +298,11 @@ def test_auto_stays_exact_for_few_queries(monkeypatch: pytest.MonkeyPatch) -> No
     assert many.name == "faiss"
 
 
+def test_auto_names_options_of_other_backend() -> None:
+    with pytest.raises(ValueError, match="'auto' chose 'exact' here.*\\['index_type'\\].*backend=faiss"):
+        build_backend(random_vectors(10, 4, seed=32), "auto", index_type="hnsw")
+
+
 def test_auto_without_faiss_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(search, "EXACT_MAX_VECTORS", 10)
     # A None entry in sys.modules makes `import faiss` raise ImportError.

@@ -153,6 +153,28 @@ def test_faiss_options_need_faiss_backend(overrides: list[str]) -> None:
     assert [item["path"] for item in as_dict["results"]] == [item["path"] for item in report["results"]]
 
 
+def test_excluded_count_follows_setting(overrides: list[str]) -> None:
+    kept = retrieve(compose_config("retrieve", [*overrides, "exclude_query=false", "k=100"]))
+
+    assert kept["settings"]["excluded"] == 0
+    assert kept["settings"]["backend"] == "exact"
+    assert len(kept["results"]) == kept["gallery"]["size"]
+
+
+def test_scan_false_warns_about_other_root(
+    overrides: list[str], image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    retrieve(compose_config("retrieve", overrides))
+    other = tmp_path / "other"
+    shutil.copytree(image_folder, other)
+
+    with caplog.at_level("WARNING"):
+        report = retrieve(compose_config("retrieve", [*overrides, f"index.root={other}", "index.scan=false"]))
+
+    assert f"was built from {image_folder.resolve()}, not from {other.resolve()}" in caplog.text
+    assert report["gallery"]["root"] == str(image_folder.resolve())
+
+
 @pytest.mark.parametrize(
     ("option", "message"), [("metric=foo", "metric='foo'"), ("backend=bar", "backend='bar'"), ("k=0", "k=0")]
 )

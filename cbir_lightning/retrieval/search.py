@@ -71,7 +71,7 @@ EXACT_MAX_VECTORS = 200_000
 # 26.0 ms) and 850 at 1M (206 s against 241 ms), so for fewer queries exact search finishes sooner.
 APPROXIMATE_MIN_QUERIES = 500
 # Score-matrix elements per query chunk of the exact backend: 2**24 float32 scores are 64 MiB, and the
-# tie-breaking masks and int32 ranks add about 110 MiB.
+# tie-breaking masks and int32 ranks add about 150 MiB (an estimate from the tensors they create).
 EXACT_CHUNK_ELEMENTS = 2**24
 # Candidates beyond k whose euclidean distances the exact backend computes again without cancellation.
 EUCLIDEAN_EXTRA_CANDIDATES = 64
@@ -265,6 +265,7 @@ class ExactBackend(SearchBackend):
         count = min(keys.shape[1], k + EUCLIDEAN_EXTRA_CANDIDATES)
         candidate_keys, candidates = _top_k_lowest_index_first(keys, count)
         distances = torch.empty(candidates.shape, dtype=self._gallery.dtype, device=self._gallery.device)
+        # NOTE: one query row is the smallest block, so k of many thousands takes k x D floats twice.
         rows_per_block = max(1, EXACT_CHUNK_ELEMENTS // (count * self._gallery.shape[1]))
         for start in range(0, len(queries), rows_per_block):
             block = slice(start, start + rows_per_block)
@@ -556,6 +557,12 @@ def build_backend(
             name = "exact"
         else:
             name = _choose_backend(len(vectors))
+        unknown = sorted(set(options) - set(BACKEND_OPTIONS[name]))
+        if unknown:
+            raise ValueError(
+                f"Backend 'auto' chose {name!r} here, which does not take the options {unknown}. "
+                "Name the backend that they belong to, e.g. backend=faiss."
+            )
         if name == "faiss":
             options = {"index_type": "hnsw", **options}
     backend = create_backend(name, metric, **options)
