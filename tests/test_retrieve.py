@@ -121,11 +121,11 @@ def test_scan_false_keeps_index(overrides: list[str], image_folder: Path, caplog
     shutil.copy(image_folder / "cats" / "0.jpg", image_folder / "cats" / "copy.jpg")
 
     with caplog.at_level("INFO"):
-        kept = retrieve(compose_config("retrieve", [*overrides, "index.split=all", "index.scan=false"]))
+        unscanned = retrieve(compose_config("retrieve", [*overrides, "index.split=all", "index.scan=false"]))
     updated = retrieve(compose_config("retrieve", [*overrides, "index.split=all"]))
 
     assert "without scanning" in caplog.text
-    assert kept["gallery"]["size"] == first["gallery"]["size"] == 30
+    assert unscanned["gallery"]["size"] == first["gallery"]["size"] == 30
     assert updated["gallery"]["size"] == 31
 
 
@@ -143,22 +143,22 @@ def test_faiss_options_need_faiss_backend(overrides: list[str]) -> None:
     with pytest.raises(ValueError, match="backend=faiss"):
         retrieve(compose_config("retrieve", [*overrides, *options]))
     report = retrieve(compose_config("retrieve", [*overrides, *options, "backend=faiss"]))
-    as_dict = retrieve(
+    ivf = retrieve(
         compose_config("retrieve", [*overrides, "backend=faiss", "backend_options={index_type: ivf, nlist: 2}"])
     )
 
     assert len(report["results"]) == 5
     assert report["settings"]["backend_options"]["index_type"] == "hnsw"
-    assert as_dict["settings"]["backend_options"]["nlist"] == 2
-    assert [item["path"] for item in as_dict["results"]] == [item["path"] for item in report["results"]]
+    assert ivf["settings"]["backend_options"]["nlist"] == 2
+    assert [item["path"] for item in ivf["results"]] == [item["path"] for item in report["results"]]
 
 
 def test_excluded_count_follows_setting(overrides: list[str]) -> None:
-    kept = retrieve(compose_config("retrieve", [*overrides, "exclude_query=false", "k=100"]))
+    report = retrieve(compose_config("retrieve", [*overrides, "exclude_query=false", "k=100"]))
 
-    assert kept["settings"]["excluded"] == 0
-    assert kept["settings"]["backend"] == "exact"
-    assert len(kept["results"]) == kept["gallery"]["size"]
+    assert report["settings"]["excluded"] == 0
+    assert report["settings"]["backend"] == "exact"
+    assert len(report["results"]) == report["gallery"]["size"]
 
 
 def test_scan_false_warns_about_other_root(

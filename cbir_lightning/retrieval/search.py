@@ -526,12 +526,17 @@ def create_backend(name: str, metric: Metric = "cosine", **options: Any) -> Sear
     raise ValueError(f"Invalid search backend {name!r}. Choose one of: {', '.join(BACKEND_NAMES)}.")
 
 
-def _check_backend_options(name: str, options: dict[str, Any]) -> None:
+def _check_backend_options(name: str, options: dict[str, Any], chosen_by_auto: bool = False) -> None:
     unknown = sorted(set(options) - set(BACKEND_OPTIONS[name]))
     if not unknown:
         return
     owners = [other for other, accepted in BACKEND_OPTIONS.items() if set(unknown) <= set(accepted)]
     hint = f" They are options of backend={owners[0]}." if owners else ""
+    if chosen_by_auto:
+        raise ValueError(
+            f"Backend 'auto' chose {name!r} here, which does not take the options {unknown}.{hint} "
+            "Name the backend that they belong to."
+        )
     raise ValueError(
         f"Invalid options {unknown} for search backend {name!r}, which takes: {', '.join(BACKEND_OPTIONS[name])}.{hint}"
     )
@@ -557,12 +562,7 @@ def build_backend(
             name = "exact"
         else:
             name = _choose_backend(len(vectors))
-        unknown = sorted(set(options) - set(BACKEND_OPTIONS[name]))
-        if unknown:
-            raise ValueError(
-                f"Backend 'auto' chose {name!r} here, which does not take the options {unknown}. "
-                "Name the backend that they belong to, e.g. backend=faiss."
-            )
+        _check_backend_options(name, options, chosen_by_auto=True)
         if name == "faiss":
             options = {"index_type": "hnsw", **options}
     backend = create_backend(name, metric, **options)
